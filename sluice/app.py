@@ -1,0 +1,145 @@
+"""The composition root: build every part from the settings, start them in order, stop them in reverse.
+
+Start: scheduler (dispatcher) -> health probes -> HTTP server.
+Stop:  stop accepting -> answer queued jobs 503 -> let in-flight jobs finish (bounded) -> probes ->
+       dispatcher -> close upstream connections.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import threading
+import time
+from collections import deque
+
+from sluice import errors
+from sluice.api import Api
+from sluice.cloud import Cloud
+from sluice.config import ConfigError, Settings
+from sluice.scheduler import Health, Job, Scheduler
+from sluice.server import Route, Routes, Server
+from sluice.upstream import HealthMonitor, Upstream
+
+log = logging.getLogger("sluice")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class App:
+    def __init__(self, settings: Settings, environ=None):
+        if not is_loopback(settings.host) and not settings.api_keys and not settings.allow_unauthenticated:
+            raise ConfigError(
+                f"SLUICE_HOST: refusing to listen on {settings.host!r} without API keys; set SLUICE_API_KEYS "
+                "(clients send Authorization: Bearer KEY), or SLUICE_ALLOW_UNAUTHENTICATED=1 to allow it anyway")
+        self.settings = settings
+        self.started = time.monotonic()
+        self.recent: deque[dict] = deque(maxlen=200)
+        self.upstreams = {b.name: Upstream(b.name, b.url, b.api_key) for b in settings.backends}
+        served_by = {b.name: frozenset(m.name for m in settings.models if b.name in m.backends)
+                     for b in settings.backends}
+        self.scheduler = Scheduler(
+            settings.gates, {b.name: (b.gate, b.slots, served_by[b.name]) for b in settings.backends},
+            max_queue_depth=settings.max_queue_depth, aging_s=settings.aging_s, on_finish=self._record)
+        self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
+                           settings.claude_bin, environ)
+        self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path) for b in settings.backends},
+                                    self._report_health, settings.health_interval_s)
+        self.api = Api(settings, self.scheduler, self.upstreams, self.cloud,
+                       on_backend_refused=self._backend_refused, started=self.started)
+        self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.extra_routes()),
+                             self.authorize, settings.client_timeout_s)
+        self._serving: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def extra_routes(self) -> list[Route]:
+        return []
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+    def start(self) -> "App":
+        self.scheduler.start()
+        self.health.start()
+        self._serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                         name="sluice-http", daemon=True)
+        self._serving.start()
+        log.info("sluice listening on %s (models: %s)", self.url, ", ".join(self.settings.model_names()))
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful: no new connections, queued jobs answered 503, in-flight ones finish within `timeout`."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        timeout = self.settings.shutdown_timeout_s if timeout is None else timeout
+        self.server.shutdown()
+        n = self.scheduler.close(errors.Unavailable("sluice is shutting down; retry against another instance "
+                                                    "or after it restarts", retry_after=5))
+        if n:
+            log.info("answered %d queued request(s) with 503 (shutting down)", n)
+        if not self.scheduler.wait_idle(timeout):
+            log.warning("in-flight requests still running after %.0fs; stopping anyway", timeout)
+        self.health.stop()
+        self.scheduler.stop()
+        self.server.server_close()
+        for up in self.upstreams.values():
+            up.close()
+
+    def __enter__(self) -> "App":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(timeout=5)
+
+    # ---- wiring ------------------------------------------------------------------------------------------
+    def _report_health(self, backend: str, ok: bool) -> None:
+        self.scheduler.set_health(backend, Health.READY if ok else Health.DOWN)
+
+    def _backend_refused(self, backend: str) -> None:
+        self.scheduler.set_health(backend, Health.DOWN)
+        self.health.kick()
+
+    def authorize(self, h, route: Route) -> None:
+        keys = self.settings.api_keys
+        if not keys or route.public:
+            return
+        auth = h.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else h.headers.get("x-api-key", "")
+        given_b = given.encode()
+        # compare against every key (constant time each) so timing says nothing about which matched
+        ok = False
+        for k in keys:
+            ok |= hmac.compare_digest(given_b, k.encode())
+        if not ok:
+            raise errors.Unauthorized("missing or wrong API key; send Authorization: Bearer KEY or x-api-key")
+
+    def _record(self, job: Job) -> None:
+        """One line per finished job (its request id, model, priority, wait, service time, outcome)."""
+        now = time.monotonic()
+        service_ms = (now - job.granted_at) * 1000 if job.granted_at is not None else 0.0
+        ttfb_ms = (job.first_byte_at - job.granted_at) * 1000 if job.first_byte_at and job.granted_at else None
+        entry = {"time": round(time.time(), 3), "id": job.id, "route": job.route, "model": job.model,
+                 "priority": job.priority, "outcome": job.outcome.value, "status": job.status or
+                 (job.error.status if job.error else 200), "backend": job.backend,
+                 "wait_ms": round(job.wait_s * 1000, 2), "service_ms": round(service_ms, 2),
+                 "ttfb_ms": round(ttfb_ms, 2) if ttfb_ms is not None else None, "usage": job.usage}
+        self.recent.append(entry)
+        log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
+                 job.id, job.route, job.model, job.priority, entry["wait_ms"], service_ms, entry["outcome"],
+                 entry["status"], f" error={job.error.message!r}" if job.error and job.outcome.value != "ok" else "")

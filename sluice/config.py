@@ -1,0 +1,334 @@
+"""Configuration: defaults in one place, then a TOML file, then environment variables.
+
+Parsed once into frozen dataclasses. Every error names where the bad value came from (the environment
+variable or the dotted TOML path) and the value, e.g. `backends.fast.slots: must be >= 1, got 0`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+GATE_MODES = ("shared", "exclusive")
+POLICIES = ("fifo", "cost-aware", "drain-first")
+CLOUD = "cloud"
+
+
+class ConfigError(ValueError):
+    """A bad setting. str() is the whole message: `where: what is wrong, got VALUE`."""
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    name: str
+    slots: int = 1
+    mode: str = "shared"
+    policy: str = "fifo"
+    drain_timeout_s: float = 60.0
+    min_active_s: float = 0.0
+    max_wait_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    url: str                        # OpenAI base URL, ending in /v1
+    gate: str = "gpu"
+    slots: int | None = None        # None: as many as the gate allows
+    models: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False)
+    forward_priority: bool = False  # vLLM --scheduling-policy priority takes a `priority` field
+    health_path: str | None = None  # None: GET /health, falling back to GET {url}/models
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    upstream_model: str
+    backends: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 5590
+    log_dir: Path = Path("~/.sluice/logs").expanduser()
+    state_dir: Path = Path("~/.sluice/run").expanduser()
+    max_queue_depth: int = 20
+    max_tokens: int = 8192
+    max_prompt_chars: int = 48000
+    max_body_bytes: int = 1 << 20
+    queue_timeout_s: float = 300.0
+    aging_s: float = 60.0
+    default_priority: int = 2
+    sse_keepalive_s: float = 10.0
+    health_interval_s: float = 2.0
+    client_timeout_s: float = 30.0
+    shutdown_timeout_s: float = 30.0
+    cloud_model: str = "claude-sonnet-4-6"
+    cloud_timeout_s: float = 300.0
+    cloud_concurrency: int = 4
+    claude_bin: str = "claude"
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_unauthenticated: bool = False
+    log_prompts: bool = False
+    gates: tuple[GateConfig, ...] = ()
+    backends: tuple[BackendConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    config_path: Path | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def model_names(self) -> list[str]:
+        """Every name a client may ask for: models, their aliases, and `cloud`."""
+        names = [n for m in self.models for n in (m.name, *m.aliases)]
+        return names + [CLOUD]
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        if isinstance(v, bool):
+            raise ValueError("must be an integer")
+        if isinstance(v, str):
+            v = v.strip()
+            if not v.lstrip("-").isdigit():
+                raise ValueError("must be an integer")
+            v = int(v)
+        if not isinstance(v, int):
+            raise ValueError("must be an integer")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= {lo}")
+        if hi is not None and v > hi:
+            raise ValueError(f"must be <= {hi}")
+        return v
+    return parse
+
+
+def _float(lo: float = 0.0, *, positive: bool = False) -> Callable[[Any], float]:
+    def parse(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError("must be a number")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number") from None
+        if not math.isfinite(f) or f < lo or (positive and f <= lo):
+            raise ValueError(f"must be {'>' if positive else '>='} {lo:g}")
+        return f
+    return parse
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false (1/0)")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("must be a non-empty string")
+    return v.strip()
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+    return parse
+
+
+def _url(v: Any) -> str:
+    s = _str(v).rstrip("/")
+    if not (s.startswith("http://") or s.startswith("https://")) or "://" == s[-3:]:
+        raise ValueError("must be an http:// or https:// URL")
+    return s
+
+
+def _path(v: Any) -> Path:
+    return Path(_str(v)).expanduser()
+
+
+def _keys(v: Any) -> tuple[str, ...]:
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)):
+        raise ValueError("must be a comma-separated string or a list of strings")
+    return tuple(k.strip() for k in items if isinstance(k, str) and k.strip())
+
+
+def _names(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError("must be a list of names")
+    return tuple(v)
+
+
+# Scalar settings: attribute -> (environment variable, parser). The TOML `[server]` table uses the attribute names.
+SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "host": ("SLUICE_HOST", _str),
+    "port": ("SLUICE_PORT", _int(0, 65535)),
+    "log_dir": ("SLUICE_LOG_DIR", _path),
+    "state_dir": ("SLUICE_STATE_DIR", _path),
+    "max_queue_depth": ("SLUICE_MAX_QUEUE_DEPTH", _int(1)),
+    "max_tokens": ("SLUICE_MAX_TOKENS", _int(1)),
+    "max_prompt_chars": ("SLUICE_MAX_PROMPT_CHARS", _int(1)),
+    "max_body_bytes": ("SLUICE_MAX_BODY_BYTES", _int(1024)),
+    "queue_timeout_s": ("SLUICE_QUEUE_TIMEOUT", _float(0, positive=True)),
+    "aging_s": ("SLUICE_AGING_S", _float(0, positive=True)),
+    "default_priority": ("SLUICE_DEFAULT_PRIORITY", _int(0, 4)),
+    "sse_keepalive_s": ("SLUICE_SSE_KEEPALIVE_S", _float(0, positive=True)),
+    "health_interval_s": ("SLUICE_HEALTH_INTERVAL_S", _float(0, positive=True)),
+    "client_timeout_s": ("SLUICE_CLIENT_TIMEOUT_S", _float(0, positive=True)),
+    "shutdown_timeout_s": ("SLUICE_SHUTDOWN_TIMEOUT_S", _float(0)),
+    "cloud_model": ("SLUICE_CLOUD_MODEL", _str),
+    "cloud_timeout_s": ("SLUICE_CLOUD_TIMEOUT", _float(0, positive=True)),
+    "cloud_concurrency": ("SLUICE_CLOUD_CONCURRENCY", _int(1)),
+    "claude_bin": ("SLUICE_CLAUDE_BIN", _str),
+    "api_keys": ("SLUICE_API_KEYS", _keys),
+    "allow_unauthenticated": ("SLUICE_ALLOW_UNAUTHENTICATED", _bool),
+    "log_prompts": ("SLUICE_LOG_PROMPTS", _bool),
+}
+
+# The seed's two local models. Used when the TOML file defines no [[models]].
+DEFAULT_MODELS = (
+    # (model, aliases, URL variable, URL default, model-id variable, model-id default)
+    ("reasoning", (), "SLUICE_REASONING_URL", "http://localhost:8080/v1",
+     "SLUICE_REASONING_MODEL", "mlx-community/Qwen3-8B-4bit"),
+    ("fast", ("tiny",), "SLUICE_FAST_URL", "http://localhost:8081/v1",
+     "SLUICE_FAST_MODEL", "mlx-community/Qwen3-1.7B-4bit"),
+)
+
+
+def _get(where: str, value: Any, parse: Callable[[Any], Any]) -> Any:
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}, got {value!r}") from None
+
+
+def _table(where: str, raw: Any, cls: type, parsers: Mapping[str, Callable[[Any], Any]], **fixed: Any):
+    """Build dataclass `cls` from a TOML table, rejecting unknown keys by their dotted path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table, got {raw!r}")
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+    values = {k: _get(f"{where}.{k}", v, parsers[k]) for k, v in raw.items() if k in parsers}
+    return cls(**{**values, **fixed})
+
+
+def _named_list(doc: dict, key: str) -> list[tuple[str, dict]]:
+    """`[[key]]` entries as (dotted prefix, table), each with a unique non-empty name."""
+    raw = doc.get(key, [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]]), got {raw!r}")
+    out, seen = [], set()
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise ConfigError(f"{key}[{i}]: must be a table, got {t!r}")
+        name = _get(f"{key}[{i}].name", t.get("name"), _str)
+        if name in seen:
+            raise ConfigError(f"{key}.{name}: duplicate name")
+        seen.add(name)
+        out.append((f"{key}.{name}", t))
+    return out
+
+
+_GATE_PARSERS = {"slots": _int(1), "mode": _choice(GATE_MODES), "policy": _choice(POLICIES),
+                 "drain_timeout_s": _float(0), "min_active_s": _float(0), "max_wait_s": _float(0, positive=True)}
+_BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "api_key": _str,
+                    "forward_priority": _bool, "health_path": _str}
+_MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names}
+
+
+def _topology(doc: dict, env: Mapping[str, str], sources: dict[str, str]):
+    gates = [_table(w, {k: v for k, v in t.items() if k != "name"}, GateConfig, _GATE_PARSERS, name=t["name"])
+             for w, t in _named_list(doc, "gates")]
+    backends = [_table(w, {k: v for k, v in t.items() if k != "name"}, BackendConfig, _BACKEND_PARSERS,
+                       name=t["name"]) for w, t in _named_list(doc, "backends")]
+    models = [_table(w, {k: v for k, v in t.items() if k != "name"}, ModelConfig, _MODEL_PARSERS,
+                     name=t["name"], **({} if "backends" in t else {"backends": ()}),
+                     **({} if "upstream_model" in t else {"upstream_model": t["name"]}))
+              for w, t in _named_list(doc, "models")]
+    if not models:
+        for name, aliases, url_var, url_default, id_var, id_default in DEFAULT_MODELS:
+            url = _get(url_var, env.get(url_var, url_default), _url)
+            upstream = _get(id_var, env.get(id_var, id_default), _str)
+            sources[f"models.{name}"] = "env" if url_var in env or id_var in env else "default"
+            if not any(b.name == name for b in backends):
+                backends.append(BackendConfig(name=name, url=url, models=(name,)))
+            models.append(ModelConfig(name=name, upstream_model=upstream, backends=(name,), aliases=aliases))
+    if not gates:
+        gates = [GateConfig(name="gpu")]
+    _check_topology(gates, backends, models)
+    return tuple(gates), tuple(backends), tuple(models)
+
+
+def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], models: list[ModelConfig]) -> None:
+    gate_names = {g.name for g in gates}
+    for b in backends:
+        if b.gate not in gate_names:
+            raise ConfigError(f"backends.{b.name}.gate: no gate named {b.gate!r} (gates: {', '.join(sorted(gate_names))})")
+    backend_names = {b.name for b in backends}
+    seen: dict[str, str] = {}
+    for m in models:
+        for n in (m.name, *m.aliases):
+            if n == CLOUD:
+                raise ConfigError(f"models.{m.name}: the name {CLOUD!r} is reserved for the Anthropic route")
+            if n in seen:
+                raise ConfigError(f"models.{m.name}: name or alias {n!r} is already used by models.{seen[n]}")
+            seen[n] = m.name
+        if not m.backends:
+            raise ConfigError(f"models.{m.name}.backends: must name at least one backend")
+        for b in m.backends:
+            if b not in backend_names:
+                raise ConfigError(f"models.{m.name}.backends: no backend named {b!r} "
+                                  f"(backends: {', '.join(sorted(backend_names)) or 'none'})")
+
+
+def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve the settings: defaults, then the TOML file (`path` or SLUICE_CONFIG), then the environment."""
+    env = os.environ if environ is None else environ
+    path = path or env.get("SLUICE_CONFIG") or None
+    doc: dict = {}
+    if path:
+        try:
+            with open(Path(path).expanduser(), "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"SLUICE_CONFIG: cannot read {str(path)!r}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    known_tables = {"server", "gates", "backends", "models"}
+    for key in doc:
+        if key not in known_tables:
+            raise ConfigError(f"{key}: unknown table (known: {', '.join(sorted(known_tables))})")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    server = doc.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"server: must be a table, got {server!r}")
+    for key, v in server.items():
+        if key not in SCALARS:
+            raise ConfigError(f"server.{key}: unknown setting (known: {', '.join(sorted(SCALARS))})")
+        values[key] = _get(f"server.{key}", v, SCALARS[key][1])
+        sources[key] = "file"
+    for key, (var, parse) in SCALARS.items():
+        if var in env:
+            values[key] = _get(var, env[var], parse)
+            sources[key] = "env"
+    gates, backends, models = _topology(doc, env, sources)
+    return Settings(**values, gates=gates, backends=backends, models=models,
+                    config_path=Path(path) if path else None, sources=sources)

@@ -1,0 +1,439 @@
+"""Jobs and the Scheduler: admission, priority queues, aging, cancellation and every grant.
+
+Lock contract (as in CPython's queue.py): one mutex, `self._lock`, guards every field of the scheduler,
+of each Job's scheduling state and of each Gate's counters. `self._work` (a Condition on that lock) is
+notified whenever a grant might have become possible: a job arrived, a slot freed, a backend's health
+changed. Grants are decided only under the lock: inline on submit when the gate is idle with nothing
+waiting (the fast path), otherwise by the one dispatcher thread.
+
+Queues are one FIFO deque per (model, priority level). The head of a level's deque is its oldest job, so
+it also has that level's best *effective* priority (priority improved one level per `aging_s` waited):
+picking the best of the five heads gives exact aging without re-heaping (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sluice import errors
+from sluice.gates import Gate
+
+log = logging.getLogger("sluice.scheduler")
+
+LEVELS = 5  # priorities 0 (P_CRITICAL) .. 4 (P_BG)
+
+
+class Outcome(str, enum.Enum):
+    OK = "ok"
+    REJECTED = "rejected"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class Health(str, enum.Enum):
+    PENDING = "pending"   # not probed yet
+    READY = "ready"
+    DOWN = "down"
+
+
+class JobState(enum.Enum):
+    NEW = 0
+    QUEUED = 1
+    GRANTED = 2
+    DONE = 3
+
+
+def new_id() -> str:
+    return os.urandom(6).hex()
+
+
+@dataclass(eq=False)
+class Job:
+    model: str                      # canonical model name (aliases resolved), or "cloud"
+    priority: int = 2
+    route: str = "/v1/query"
+    payload: Any = None
+    stream: bool = False
+    timeout_s: float = 300.0
+    id: str = field(default_factory=new_id)
+    client: str | None = None       # API key name, for logs and fair share
+    # Set by the scheduler:
+    seq: int = 0
+    state: JobState = JobState.NEW
+    enqueued_at: float = 0.0
+    deadline: float = 0.0
+    granted_at: float | None = None
+    finished_at: float | None = None
+    backend: str | None = None
+    gate: str | None = None
+    outcome: Outcome | None = None
+    error: errors.SluiceError | None = None
+    # Recorded by the request's thread while it serves the job:
+    status: int = 0
+    first_byte_at: float | None = None
+    usage: dict | None = None
+    cancel_hook: Callable[[], None] | None = None  # closes the upstream connection of a job in flight
+    _signal: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def wait_s(self) -> float:
+        end = self.granted_at if self.granted_at is not None else self.finished_at
+        return max(0.0, (end or self.enqueued_at) - self.enqueued_at)
+
+
+@dataclass
+class _Backend:
+    name: str
+    gate: Gate
+    slots: int
+    models: frozenset[str]
+    inflight: int = 0
+    health: Health = Health.PENDING
+
+    def free(self) -> bool:
+        return self.health is Health.READY and self.inflight < self.slots
+
+
+class Scheduler:
+    """Owns pending jobs and slots. Knows nothing of HTTP.
+
+    `backends`: name -> (gate name, slots or None, models it serves); `gates`: GateConfig list.
+    `clock` is injected (monotonic seconds) so tests drive aging and timeouts without sleeping.
+    """
+
+    def __init__(self, gates, backends: dict[str, tuple[str, int | None, frozenset[str]]], *,
+                 max_queue_depth: int = 20, aging_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_finish: Callable[[Job], None] | None = None):
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)   # a grant may have become possible
+        self._idle = threading.Condition(self._lock)   # no job is in flight
+        self._clock = clock
+        self._aging_s = aging_s
+        self.max_queue_depth = max_queue_depth
+        self._on_finish = on_finish
+        self._gates = {g.name: Gate(g) for g in gates}
+        self._backends = {name: _Backend(name, self._gates[gate], slots or self._gates[gate].slots, models)
+                          for name, (gate, slots, models) in backends.items()}
+        self._queues: dict[str, list[deque[Job]]] = {}
+        for b in self._backends.values():
+            for m in b.models:
+                self._queues.setdefault(m, [deque() for _ in range(LEVELS)])
+        self._seq = itertools.count()
+        self._depth = 0
+        self._active: dict[str, Job] = {}
+        self._closed: errors.SluiceError | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.totals = dict.fromkeys(("received", "served", "rejected", "timed_out", "cancelled", "failed"), 0)
+        self._latency_sum = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._dispatch_loop, name="sluice-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def close(self, error: errors.SluiceError) -> int:
+        """Stop admitting; answer every queued job with `error`. Returns how many were answered."""
+        with self._lock:
+            self._closed = error
+            queued = [j for qs in self._queues.values() for q in qs for j in q]
+            for job in queued:
+                self._finish_locked(job, Outcome.REJECTED, error)
+        self._notify_finished(queued)
+        return len(queued)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no granted job is in flight; False if some still are after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+            return True
+
+    # ---- submission and waiting (request threads) -------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Admit `job` (granting it at once when its gate is idle) or raise the error that refuses it."""
+        finished = None
+        with self._lock:
+            now = self._clock()
+            job.seq = next(self._seq)
+            job.enqueued_at = now
+            job.deadline = now + job.timeout_s
+            self.totals["received"] += 1
+            err = self._refusal_locked(job)
+            if err is not None:
+                self._finish_locked(job, Outcome.REJECTED, err)
+                finished = job
+            elif job.model not in self._queues:       # cloud: no gate, no queue
+                self._grant_locked(job, None, now)
+            else:
+                job.state = JobState.QUEUED
+                self._queues[job.model][job.priority].append(job)
+                self._depth += 1
+                if not self._grant_fast_locked(job, now):
+                    self._work.notify()
+        if finished is not None:
+            self._notify_finished([finished])
+            raise finished.error
+
+    def _refusal_locked(self, job: Job) -> errors.SluiceError | None:
+        if self._closed is not None:
+            return self._closed
+        if job.model not in self._queues:
+            return None
+        if self._depth >= self.max_queue_depth:
+            return errors.QueueFull(
+                f"queue full ({self._depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
+                "retry later or raise the limit", retry_after=1,
+                headers={"X-Queue-Position": str(self._depth + 1)})
+        backends = [b for b in self._backends.values() if job.model in b.models]
+        if backends and all(b.health is Health.DOWN for b in backends):
+            return errors.Unavailable(
+                f"no backend for model {job.model!r} is up ({', '.join(b.name for b in backends)} down); "
+                "start the inference server or check its URL", retry_after=5)
+        return None
+
+    def wait(self, job: Job, tick: Callable[[int], None] | None = None,
+             first_tick_s: float = 10.0, tick_every_s: float = 5.0) -> None:
+        """Block until `job` is granted. Raises its error if it was refused, cancelled or timed out.
+
+        `tick(position)` is called after `first_tick_s` queued and then every `tick_every_s` (SSE keepalives).
+        """
+        next_tick = job.enqueued_at + first_tick_s
+        while True:
+            with self._lock:
+                if job.state is JobState.GRANTED:
+                    return
+                if job.state is JobState.DONE:
+                    raise job.error or errors.Unavailable("request ended before it was granted")
+                now = self._clock()
+                remaining = job.deadline - now
+                if remaining <= 0:
+                    err = errors.QueueTimeout(
+                        f"waited {job.timeout_s:g}s in the queue without a free slot; "
+                        "retry later, raise the timeout, or use a higher priority",
+                        headers={"X-Queue-Position": str(self._position_locked(job, now))})
+                    self._finish_locked(job, Outcome.TIMEOUT, err)
+                    break
+                due = next_tick - now if tick is not None else remaining
+                if due <= 0:
+                    position = self._position_locked(job, now)
+            if tick is not None and due <= 0:
+                tick(position)           # outside the lock: it writes to the client's socket
+                next_tick += tick_every_s
+                continue
+            job._signal.wait(min(remaining, due))
+            job._signal.clear()
+        self._notify_finished([job])
+        raise job.error
+
+    def cancel(self, job: Job, reason: str = "client disconnected") -> None:
+        """The client went away: a queued job is removed at once; one in flight has its upstream closed."""
+        with self._lock:
+            if job.state is JobState.QUEUED:
+                self._finish_locked(job, Outcome.CANCELLED, errors.Cancelled(reason))
+                hook = None
+            elif job.state is JobState.GRANTED:
+                job.outcome = Outcome.CANCELLED  # provisional: finish() keeps it
+                if job.cancel_hook is None:
+                    return                        # attach() will refuse the upstream call
+                hook = job.cancel_hook
+            else:
+                return
+        if hook is None:
+            self._notify_finished([job])
+        else:
+            hook()
+
+    def attach(self, job: Job, hook: Callable[[], None]) -> None:
+        """Register how to abort a granted job's upstream call; raises Cancelled if its client already left."""
+        with self._lock:
+            if job.outcome is Outcome.CANCELLED:
+                raise errors.Cancelled("client disconnected")
+            job.cancel_hook = hook
+
+    def finish(self, job: Job, outcome: Outcome, error: errors.SluiceError | None = None) -> None:
+        """Record the one final outcome of a granted job and free its slot. Idempotent."""
+        with self._lock:
+            if job.state is JobState.DONE:
+                return
+            if job.outcome is Outcome.CANCELLED:
+                outcome = Outcome.CANCELLED
+            self._finish_locked(job, outcome, error)
+        self._notify_finished([job])
+
+    def set_health(self, backend: str, health: Health) -> None:
+        """Record a probe result. A backend going down fails the jobs that now have nowhere to go."""
+        failed: list[Job] = []
+        with self._lock:
+            b = self._backends.get(backend)
+            if b is None or b.health is health:
+                return
+            b.health = health
+            if health is Health.DOWN:
+                for model in b.models:
+                    if all(o.health is Health.DOWN for o in self._backends.values() if model in o.models):
+                        err = errors.Unavailable(
+                            f"backend {backend!r} for model {model!r} went down; retry when it is back",
+                            retry_after=5)
+                        for q in self._queues[model]:
+                            while q:
+                                job = q[0]
+                                self._finish_locked(job, Outcome.ERROR, err)
+                                failed.append(job)
+            self._work.notify()
+        self._notify_finished(failed)
+
+    # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
+    def _position_locked(self, job: Job, now: float) -> int:
+        key = (self._effective(job, now), job.seq)
+        return 1 + sum(1 for qs in self._queues.values() for q in qs for j in q
+                       if (self._effective(j, now), j.seq) < key)
+
+    def _remove_locked(self, job: Job) -> None:
+        self._queues[job.model][job.priority].remove(job)
+        self._depth -= 1
+
+    def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
+        if job.state is JobState.QUEUED:
+            self._remove_locked(job)
+        elif job.state is JobState.GRANTED and job.backend is not None:
+            b = self._backends[job.backend]
+            b.inflight -= 1
+            b.gate.inflight -= 1
+            self._work.notify()
+        if self._active.pop(job.id, None) is not None and not self._active:
+            self._idle.notify_all()
+        job.state = JobState.DONE
+        job.outcome, job.error = outcome, error
+        job.finished_at = self._clock()
+        key = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
+               Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}[outcome]
+        self.totals[key] += 1
+        if outcome is Outcome.OK:
+            self._latency_sum += job.finished_at - job.enqueued_at
+        job._signal.set()
+
+    def _notify_finished(self, jobs: list[Job]) -> None:
+        if self._on_finish is not None:
+            for job in jobs:
+                try:
+                    self._on_finish(job)
+                except Exception:  # a broken observer must never break the request path
+                    log.exception("on_finish observer failed for job %s", job.id)
+
+    def _grant_locked(self, job: Job, backend: _Backend | None, now: float) -> None:
+        if job.state is JobState.QUEUED:
+            self._remove_locked(job)
+        if backend is not None:
+            backend.inflight += 1
+            backend.gate.inflight += 1
+            job.backend, job.gate = backend.name, backend.gate.name
+        job.state = JobState.GRANTED
+        job.granted_at = now
+        self._active[job.id] = job
+        job._signal.set()
+
+    def _grant_fast_locked(self, job: Job, now: float) -> bool:
+        """Grant a just-queued job inline when its gate has nothing else waiting (no thread hop)."""
+        for b in self._candidates_locked(job.model):
+            if self._waiting_on_locked(b.gate) == 1:
+                self._grant_locked(job, b, now)
+                return True
+        return False
+
+    def _candidates_locked(self, model: str, gate: Gate | None = None) -> list[_Backend]:
+        """Backends (on `gate`, if given) that could take a job for `model` now, least loaded first."""
+        free = [b for b in self._backends.values()
+                if model in b.models and b.free() and b.gate.inflight < b.gate.slots
+                and (gate is None or b.gate is gate)]
+        return sorted(free, key=lambda b: b.inflight / b.slots)
+
+    def _waiting_on_locked(self, gate: Gate) -> int:
+        models = {m for b in self._backends.values() if b.gate is gate for m in b.models}
+        return sum(len(q) for m in models for q in self._queues[m])
+
+    def _effective(self, job: Job, now: float) -> int:
+        return max(0, job.priority - int((now - job.enqueued_at) / self._aging_s))
+
+    def _best_locked(self, models, now: float) -> Job | None:
+        best, best_key = None, None
+        for m in models:
+            for q in self._queues[m]:
+                if q:
+                    key = (self._effective(q[0], now), q[0].seq)
+                    if best_key is None or key < best_key:
+                        best, best_key = q[0], key
+        return best
+
+    def _dispatch_locked(self) -> None:
+        now = self._clock()
+        progress = True
+        while progress and self._depth:
+            progress = False
+            for gate in self._gates.values():
+                if gate.inflight >= gate.slots:
+                    continue
+                runnable = {m for b in self._backends.values() if b.gate is gate and b.free() for m in b.models}
+                job = self._best_locked(runnable, now)
+                if job is None:
+                    continue
+                self._grant_locked(job, self._candidates_locked(job.model, gate)[0], now)
+                progress = True
+
+    def _dispatch_loop(self) -> None:
+        with self._lock:
+            while not self._stopping:
+                self._dispatch_locked()
+                self._work.wait()
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """A consistent view for status pages: counters add up because they are read under one lock."""
+        with self._lock:
+            now = self._clock()
+            waiting = sorted((j for qs in self._queues.values() for q in qs for j in q),
+                             key=lambda j: (self._effective(j, now), j.seq))
+            served = self.totals["served"]
+            return {
+                "pending": self._depth,
+                "active": len(self._active),
+                "totals": dict(self.totals),
+                "avg_latency_ms": round(1000 * self._latency_sum / served) if served else 0,
+                "waiting": [{"id": j.id, "model": j.model, "priority": j.priority,
+                             "effective_priority": self._effective(j, now), "age_s": round(now - j.enqueued_at, 3),
+                             "position": i + 1} for i, j in enumerate(waiting)],
+                "active_jobs": [{"id": j.id, "model": j.model, "priority": j.priority, "backend": j.backend,
+                                 "gate": j.gate, "elapsed_s": round(now - (j.granted_at or now), 3)}
+                                for j in self._active.values()],
+                "gates": {g.name: g.view() for g in self._gates.values()},
+                "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
+                                      "gate": b.gate.name} for b in self._backends.values()},
+            }
+
+    def position(self, job: Job) -> int | None:
+        """1-based place of a queued job among all waiting jobs, or None once it left the queue."""
+        with self._lock:
+            if job.state is not JobState.QUEUED:
+                return None
+            return self._position_locked(job, self._clock())

@@ -1,0 +1,314 @@
+"""HTTP transport: a ThreadingHTTPServer subclass, a thin handler and the route table.
+
+The handler knows how to read a bounded JSON body, write one response in one send, relay SSE with
+chunked encoding, and turn a SluiceError into the right error body. What a route *does* lives in
+api.py and admin.py; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import selectors
+import socket
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from sluice import __version__, errors
+from sluice.scheduler import new_id
+
+log = logging.getLogger("sluice.server")
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_HEADER_BYTES = 32 * 1024
+MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str               # exact path, or a prefix ending in "/" when `prefix` is set
+    fn: Callable            # fn(handler, *path_params)
+    native: bool = False    # error bodies in the sluice-native shape instead of the OpenAI envelope
+    prefix: bool = False
+    public: bool = False    # answered without an API key (health, the dashboard shell)
+    admin: bool = False     # needs an admin key when keys are configured
+
+
+class Routes:
+    def __init__(self, routes: list[Route]):
+        self.routes = routes
+        self._exact = {(r.method, r.path): r for r in routes if not r.prefix}
+        self.native_paths = {r.path for r in routes if r.native}
+
+    def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
+        r = self._exact.get((method, path))
+        if r is not None:
+            return r, ()
+        allowed = sorted({x.method for x in self.routes
+                          if (x.path == path if not x.prefix else path.startswith(x.path))})
+        for x in self.routes:
+            if x.prefix and x.method == method and path.startswith(x.path):
+                return x, tuple(path[len(x.path):].split("/"))
+        if allowed:
+            raise errors.MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                                          headers={"Allow": ", ".join(allowed)})
+        raise errors.NotFound(f"no route {path}; see GET /openapi.json for the API", code="not_found")
+
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing more can be written to it."""
+
+
+class DisconnectWatcher:
+    """One thread that notices clients closing their sockets while their request waits or streams.
+
+    A readable socket whose MSG_PEEK returns b"" has been closed by the client: the registered callback
+    runs (it cancels the queued job or aborts the upstream exchange). Nothing is ever consumed.
+    """
+
+    def __init__(self):
+        self._sel = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="sluice-disconnects", daemon=True)
+        self._thread.start()
+
+    def watch(self, sock: socket.socket, on_close: Callable[[], None]) -> "_Watch":
+        return _Watch(self, sock, on_close)
+
+    def _register(self, sock, cb) -> None:
+        with self._lock:
+            self._sel.register(sock, selectors.EVENT_READ, cb)
+        self._wake_w.send(b"x")
+
+    def _unregister(self, sock) -> None:
+        with self._lock:
+            try:
+                self._sel.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake_w.send(b"x")
+        self._thread.join(timeout=2)
+        self._wake_w.close()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            for key, _ in self._sel.select(timeout=1.0):
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                sock = key.fileobj
+                try:
+                    closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    closed = True
+                # Data (a pipelined request) cannot tell us anything more: stop watching either way.
+                self._unregister(sock)
+                if closed:
+                    try:
+                        key.data()
+                    except Exception:
+                        log.exception("disconnect callback failed")
+        self._sel.close()
+        self._wake_r.close()
+
+
+class _Watch:
+    def __init__(self, watcher: DisconnectWatcher, sock, on_close):
+        self._w, self._sock, self._cb = watcher, sock, on_close
+
+    def __enter__(self):
+        self._w._register(self._sock, self._cb)
+        return self
+
+    def __exit__(self, *exc):
+        self._w._unregister(self._sock)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"sluice/{__version__}"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    server: "Server"
+
+    # Every method goes through the route table, so an unknown one is a JSON 405, never an HTML 501.
+    def __getattr__(self, name: str):
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.client_timeout_s)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-") -> None:
+        pass  # one line per job is logged by the app, with its request id
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol errors found by the stdlib parser (bad request line, too many headers) as JSON."""
+        self.close_connection = True
+        self.request_id = getattr(self, "request_id", None) or new_id()
+        err = errors.BadRequest(message or "bad request")
+        err.status = code if 400 <= code < 500 else 400
+        try:
+            self.respond_error(err, native=False)
+        except OSError:
+            pass
+
+    # ---- request side --------------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        rid = self.headers.get("X-Request-Id", "")
+        self.request_id = rid if _SAFE_ID.fullmatch(rid) else new_id()
+        path = self.path.split("?", 1)[0]
+        self.route_native = path in self.server.routes.native_paths
+        try:
+            if sum(len(k) + len(v) for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+                raise errors.HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
+            route, params = self.server.routes.match(self.command, path)
+            self.route_native = route.native
+            self.server.authorize(self, route)
+            route.fn(self, *params)
+        except errors.SluiceError as e:
+            self.respond_error(e)
+        except ClientGone:
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True
+        except Exception:
+            log.exception("request %s %s %s failed", self.request_id, self.command, path)
+            self.respond_error(errors.SluiceError(
+                f"internal error in sluice (request id {self.request_id}); please report it"))
+
+    def read_json(self, max_bytes: int) -> dict:
+        """The request body as a JSON object, bounded in size and nesting; a 4xx says what is wrong."""
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise errors.LengthRequired("chunked request bodies are not accepted; send Content-Length")
+        raw = self.headers.get_all("Content-Length") or []
+        if len(raw) != 1:
+            self.close_connection = True
+            if not raw:
+                raise errors.LengthRequired("Content-Length header is required")
+            raise errors.BadRequest("more than one Content-Length header")
+        value = raw[0].strip()
+        if not value.isdigit():
+            self.close_connection = True
+            raise errors.BadRequest(f"Content-Length must be a non-negative integer, got {value[:40]!r}")
+        n = int(value)
+        if n > max_bytes:
+            self.close_connection = True
+            raise errors.PayloadTooLarge(f"body is {n} bytes; the limit is {max_bytes} (SLUICE_MAX_BODY_BYTES)")
+        data = self.rfile.read(n)
+        if len(data) < n:
+            raise ClientGone()
+        if _too_deep(data):
+            raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise errors.BadRequest(f"body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise errors.BadRequest(f"body must be a JSON object, got {type(obj).__name__}")
+        return obj
+
+    # ---- response side -------------------------------------------------------------------------------
+    def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                headers: dict[str, str] | None = None) -> None:
+        """Head and body in one send (no Nagle stall between two small writes)."""
+        head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
+                f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+                f"X-Request-Id: {self.request_id}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        if self.close_connection:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else body))
+
+    def respond_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
+        self.respond(status, json.dumps(obj, separators=(",", ":")).encode(), headers=headers)
+
+    def respond_error(self, err: errors.SluiceError, native: bool | None = None,
+                      headers: dict[str, str] | None = None) -> None:
+        native = self.route_native if native is None else native
+        body = errors.native_body(err) if native else errors.openai_body(err)
+        status = err.status if err.status != 499 else 400
+        self.respond_json(status, body, headers={**errors.response_headers(err), **(headers or {})})
+
+    def start_sse(self, headers: dict[str, str] | None = None) -> None:
+        head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache",
+                "X-Accel-Buffering: no", "Transfer-Encoding: chunked", f"X-Request-Id: {self.request_id}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.write_raw(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+
+    def sse_chunk(self, data: bytes) -> None:
+        if data:
+            self.write_raw(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end_sse(self) -> None:
+        self.write_raw(b"0\r\n\r\n")
+
+    def write_raw(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+        except OSError:
+            raise ClientGone() from None
+
+
+def _too_deep(data: bytes) -> bool:
+    """Cheap pre-check so json.loads never recurses deeply (brackets inside strings only over-count)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
+        return False
+    depth = 0
+    in_str = esc = False
+    for c in data:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 1024
+
+    def __init__(self, address, routes: Routes, authorize: Callable, client_timeout_s: float = 30.0):
+        self.routes = routes
+        self.authorize = authorize
+        self.client_timeout_s = client_timeout_s
+        self.watcher = DisconnectWatcher()
+        super().__init__(address, Handler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.watcher.close()

@@ -1,0 +1,252 @@
+"""Forwarding to OpenAI-compatible backends over http.client: kept-alive connections, SSE relay, probes.
+
+Retry rule: a request is re-sent only when the connection was refused before a byte was sent. A request
+the backend may have received is never sent again, so a retry can never overlap the attempt it replaces.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import select
+import socket
+import threading
+import time
+from typing import Callable, Iterator
+from urllib.parse import urlsplit
+
+from sluice import errors
+
+log = logging.getLogger("sluice.upstream")
+
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+def strip_think(text: str) -> str:
+    """Drop reasoning blocks (Qwen3 and friends) from a completion, as the seed did."""
+    return _THINK.sub("", text).strip() if "<think>" in text else text
+
+
+class Exchange:
+    """One request and its response on a checked-out connection. `abort()` may be called from any thread,
+    before or after the response head arrived: the request's thread then sees `errors.Cancelled`."""
+
+    def __init__(self, upstream: "Upstream", conn: http.client.HTTPConnection):
+        self._upstream = upstream
+        self._conn = conn
+        self.response: http.client.HTTPResponse | None = None
+        self.status = 0
+        self.headers = None
+        self._aborted = False
+
+    def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> None:
+        try:
+            self._conn.request(method, path, body=body, headers=headers)
+            self.response = self._conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            raise self._failure(e, "before answering") from None
+        self.status, self.headers = self.response.status, self.response.headers
+
+    def read(self, deadline: float) -> bytes:
+        self._settimeout(deadline)
+        try:
+            return self.response.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise self._failure(e, "while reading the response") from None
+
+    def lines(self, deadline: float) -> Iterator[bytes]:
+        """The response body line by line, as each line arrives (for SSE relay)."""
+        readline = self.response.readline
+        while True:
+            self._settimeout(deadline)
+            try:
+                line = readline(65537)
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                raise self._failure(e, "mid-stream") from None
+            if not line:
+                return
+            yield line
+
+    def abort(self) -> None:
+        """Close the upstream socket now: the backend sees the client's disconnect, a blocked read returns."""
+        self._aborted = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Give the connection back for reuse when the response was read to its end, else drop it."""
+        if not self._aborted and self.response.isclosed() and not self.response.will_close:
+            self._upstream._checkin(self._conn)
+        else:
+            self._conn.close()
+
+    def _settimeout(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise errors.QueueTimeout(f"backend {self._upstream.name!r} did not finish before the deadline")
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(remaining)
+
+    def _failure(self, e: Exception, when: str) -> errors.SluiceError:
+        self._conn.close()
+        if self._aborted:
+            return errors.Cancelled("client disconnected")
+        if isinstance(e, TimeoutError):
+            return errors.QueueTimeout(f"backend {self._upstream.name!r} timed out {when}")
+        return errors.BadGateway(f"backend {self._upstream.name!r} failed {when}: {type(e).__name__}: {e}")
+
+
+class Upstream:
+    """One backend's base URL and its pool of idle keep-alive connections."""
+
+    def __init__(self, name: str, url: str, api_key: str | None = None, max_idle: int = 32):
+        self.name = name
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self._https else 80)
+        self.base_path = parts.path.rstrip("/")      # usually "/v1"
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._max_idle = max_idle
+
+    def _new_conn(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=timeout)
+
+    def _checkout(self, timeout: float) -> http.client.HTTPConnection:
+        with self._lock:
+            while self._idle:
+                conn = self._idle.pop()
+                sock = conn.sock
+                # An idle connection that is readable was closed (or poisoned) by the server: drop it
+                # rather than send on it and have to guess whether the backend saw the request.
+                if sock is not None and not select.select([sock], [], [], 0)[0]:
+                    sock.settimeout(timeout)
+                    return conn
+                conn.close()
+        return self._new_conn(timeout)
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+
+    def open(self, method: str, path: str, body: bytes | None, deadline: float,
+             headers: dict[str, str] | None = None,
+             on_open: Callable[[Exchange], None] | None = None) -> Exchange:
+        """Send a request to `{url}{path}`; return the exchange once the response head has arrived.
+
+        `on_open` gets the exchange before anything is sent, so a cancel can abort it at any point.
+        """
+        hdrs = {"Content-Type": "application/json", **self._auth, **(headers or {})}
+        for attempt in (1, 2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.QueueTimeout(f"no answer from backend {self.name!r} before the deadline")
+            conn = self._checkout(remaining)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                break
+            except ConnectionRefusedError:
+                conn.close()
+                if attempt == 2:      # refused before anything was sent: the one case safe to try again
+                    raise errors.BadGateway(f"backend {self.name!r} at {self.url} refused the connection; "
+                                            "is the inference server running?") from None
+            except OSError as e:
+                conn.close()
+                if isinstance(e, TimeoutError):
+                    raise errors.QueueTimeout(f"connecting to backend {self.name!r} timed out") from None
+                raise errors.BadGateway(f"cannot connect to backend {self.name!r} at {self.url}: {e}") from None
+        ex = Exchange(self, conn)
+        if on_open is not None:
+            on_open(ex)
+        ex.send(method, self.base_path + path, body, hdrs)
+        return ex
+
+    # ---- health --------------------------------------------------------------------------------------
+    def probe(self, timeout: float = 2.0, health_path: str | None = None) -> bool:
+        """True when the backend answers `GET /health` (mlx-lm, llama.cpp, vLLM) or else `GET {url}/models`."""
+        paths = [health_path] if health_path else ["/health", self.base_path + "/models"]
+        for path in paths:
+            conn = self._new_conn(timeout)
+            try:
+                conn.request("GET", path, headers=self._auth)
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    return True
+                if resp.status != 404 or path != "/health":
+                    return False
+            except (OSError, http.client.HTTPException):
+                return False
+            finally:
+                conn.close()
+        return False
+
+
+class HealthMonitor:
+    """Probes every backend every `interval` seconds and reports ready/down to `report(name, ok)`."""
+
+    def __init__(self, upstreams: dict[str, tuple[Upstream, str | None]], report: Callable[[str, bool], None],
+                 interval: float = 2.0):
+        self._upstreams = upstreams
+        self._report = report
+        self._interval = interval
+        self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sluice-health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kick.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def kick(self) -> None:
+        """Probe now (a forward just failed to connect)."""
+        self._kick.set()
+
+    def probe_all(self) -> None:
+        for name, (up, path) in self._upstreams.items():
+            if self._stop.is_set():
+                return
+            self._report(name, up.probe(timeout=min(2.0, self._interval * 2), health_path=path))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.probe_all()
+            self._kick.wait(self._interval)
+            self._kick.clear()
+
+
+def json_body(data: bytes, backend: str) -> dict:
+    """Parse a backend's JSON object body, or raise 502 saying what came back."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.BadGateway(f"backend {backend!r} returned invalid JSON: {data[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise errors.BadGateway(f"backend {backend!r} returned JSON that is not an object") from None
+    return obj
