@@ -8,6 +8,12 @@ __version__ = "0.1.0"
 
 P_CRITICAL, P_HIGH, P_NORMAL, P_LOW, P_BG = range(5)
 
-from sluice.client import SluiceClient, sluice  # noqa: E402  (client needs the P_* names above)
-
 __all__ = ["sluice", "SluiceClient", "P_CRITICAL", "P_HIGH", "P_NORMAL", "P_LOW", "P_BG", "__version__"]
+
+
+def __getattr__(name: str):
+    # The client is imported on first use, so `python -m sluice` (the daemon) never loads it.
+    if name in ("sluice", "SluiceClient"):
+        from sluice import client
+        return getattr(client, name)
+    raise AttributeError(f"module 'sluice' has no attribute {name!r}")

@@ -1,0 +1,251 @@
+"""A real HTTP stand-in for an OpenAI-compatible backend, for fault injection and counting.
+
+It runs on 127.0.0.1 port 0 in a thread, records what arrives (in order), counts concurrent requests and
+fails loudly when more than `limit` are in flight at once. Behaviour is set per backend (`mode`) or per
+request: a user message (or prompt) starting with `!` names the mode for that request, e.g. `!hang`.
+
+Modes: ok, error500, garbage (200 with invalid JSON), notobject (200 with a JSON list), reset (RST after
+reading the request), hang (no answer until the client leaves), stream_die (two SSE events then the
+connection drops), slow (each SSE event `chunk_delay` apart).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeBackend:
+    def __init__(self, model: str = "fake-model", mode: str = "ok", limit: int | None = None,
+                 chunks: int = 3, chunk_delay: float = 0.0):
+        self.model = model
+        self.mode = mode
+        self.limit = limit
+        self.chunks = chunks
+        self.chunk_delay = chunk_delay
+        self.arrivals: list[dict] = []        # request bodies in arrival order
+        self.current = 0
+        self.max_seen = 0
+        self.violations: list[str] = []
+        self.disconnects: list[float] = []    # monotonic times at which a client was seen to leave
+        self.event_times: list[float] = []    # when each SSE event was written
+        self.holding = False                  # when True, requests wait for release()
+        self._released = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path in ("/health", "/v1/models"):
+                    body = {"status": "ok"} if self.path == "/health" else {
+                        "object": "list", "data": [{"id": outer.model, "object": "model"}]}
+                    self._json(200, body)
+                else:
+                    self._json(404, {"error": "not found"})
+
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(n) or b"{}")
+                outer._enter(self.path, body)
+                try:
+                    outer._serve(self, body)
+                finally:
+                    outer._leave()
+
+            def _json(self, status, obj, raw=None):
+                data = raw if raw is not None else json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    # ---- control -----------------------------------------------------------------------------------------
+    def release(self, n: int = 1) -> None:
+        with self._cond:
+            self._released += n
+            self._cond.notify_all()
+
+    def wait_arrivals(self, n: int, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.arrivals) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def wait_disconnects(self, n: int = 1, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.disconnects) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.current:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def prompts(self) -> list[str]:
+        return [_text(b) for b in self.arrivals]
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._released += 10 ** 6
+            self._cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ---- serving -----------------------------------------------------------------------------------------
+    def _enter(self, path: str, body: dict) -> None:
+        with self._cond:
+            body = dict(body, _path=path)
+            self.arrivals.append(body)
+            self.current += 1
+            self.max_seen = max(self.max_seen, self.current)
+            if self.limit is not None and self.current > self.limit:
+                self.violations.append(f"{self.current} requests in flight at once (limit {self.limit})")
+            self._cond.notify_all()
+            while self.holding and self._released <= 0 and not self._stopping:
+                self._cond.wait()
+            if self.holding:
+                self._released -= 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self.current -= 1
+            self._cond.notify_all()
+
+    def _client_left(self) -> None:
+        with self._cond:
+            self.disconnects.append(time.monotonic())
+            self._cond.notify_all()
+
+    def _serve(self, h, body: dict) -> None:
+        text = _text(body)
+        mode = text[1:].split()[0] if text.startswith("!") else self.mode
+        if mode == "error500":
+            return h._json(500, {"error": {"message": "boom"}})
+        if mode == "garbage":
+            return h._json(200, None, raw=b"{not json")
+        if mode == "notobject":
+            return h._json(200, [1, 2])
+        if mode == "reset":
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.close_connection = True
+            h.connection.close()
+            return
+        if mode == "hang":
+            return self._hang(h)
+        if body.get("stream"):
+            return self._stream(h, body, mode)
+        if h.path.endswith("/embeddings"):
+            return h._json(200, {"object": "list", "data": [{"object": "embedding", "index": 0,
+                                                             "embedding": [0.1, 0.2]}], "model": body.get("model")})
+        reply = f"echo: {text}"
+        h._json(200, {"id": "cmpl-1", "object": "chat.completion", "model": body.get("model"),
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                   "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}})
+
+    def _hang(self, h) -> None:
+        """Answer nothing; notice when the client goes away."""
+        h.close_connection = True
+        h.connection.settimeout(0.05)
+        while not self._stopping:
+            try:
+                if h.connection.recv(1) == b"":
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        self._client_left()
+
+    def _stream(self, h, body: dict, mode: str) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        n = 2 if mode == "stream_die" else self.chunks
+        delay = self.chunk_delay if mode in ("slow", "ok") else 0.0
+        try:
+            self._chunk(h, b": keepalive 1/1\n\n")
+            for i in range(n):
+                if delay and i:
+                    if self._wait_or_leave(h, delay):
+                        return
+                event = {"id": "c1", "object": "chat.completion.chunk", "model": body.get("model"),
+                         "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}]}
+                self._chunk(h, b"data: " + json.dumps(event).encode() + b"\n\n")
+            if mode == "stream_die":
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return
+            usage = {"id": "c1", "object": "chat.completion.chunk", "choices": [],
+                     "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}}
+            self._chunk(h, b"data: " + json.dumps(usage).encode() + b"\n\n")
+            self._chunk(h, b"data: [DONE]\n\n")
+            h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self._client_left()
+
+    def _wait_or_leave(self, h, delay: float) -> bool:
+        """Sleep `delay` between events while watching the socket; True if the client left meanwhile."""
+        end = time.monotonic() + delay
+        h.connection.settimeout(0.01)
+        try:
+            while time.monotonic() < end:
+                try:
+                    if h.connection.recv(1, socket.MSG_PEEK) == b"":
+                        self._client_left()
+                        return True
+                except TimeoutError:
+                    pass
+        finally:
+            h.connection.settimeout(None)
+        return False
+
+    def _chunk(self, h, data: bytes) -> None:
+        h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        with self._cond:
+            self.event_times.append(time.monotonic())
+
+
+def _text(body: dict) -> str:
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict):
+        c = msgs[-1].get("content")
+        return c if isinstance(c, str) else ""
+    p = body.get("prompt")
+    return p if isinstance(p, str) else ""

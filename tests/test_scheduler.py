@@ -1,0 +1,278 @@
+"""Scheduler invariants (DESIGN.md section 3), driven with an injected clock: no sleeping."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sluice import errors
+from sluice.config import GateConfig
+from sluice.scheduler import Health, Job, JobState, Outcome, Scheduler
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make(slots=1, depth=20, aging=60.0, models=("a",), clock=None, ready=True, **kw):
+    clock = clock or Clock()
+    s = Scheduler([GateConfig("gpu", slots=slots)], {"b1": ("gpu", None, frozenset(models))},
+                  max_queue_depth=depth, aging_s=aging, clock=clock, **kw)
+    if ready:
+        s.set_health("b1", Health.READY)
+    return s, clock
+
+
+def grant_order(s: Scheduler, jobs: list[Job]) -> list[str]:
+    """Finish the running job repeatedly, dispatching each time, and return the order of grants."""
+    order = []
+    for _ in range(len(jobs)):
+        with s._lock:
+            s._dispatch_locked()
+        running = [j for j in jobs if j.state is JobState.GRANTED]
+        assert len(running) == 1
+        order.append(running[0].id)
+        s.finish(running[0], Outcome.OK)
+    return order
+
+
+def test_idle_gate_grants_inline():
+    s, _ = make()
+    job = Job("a")
+    s.submit(job)
+    assert job.state is JobState.GRANTED and job.backend == "b1"
+
+
+def test_priority_first_fifo_within_level():
+    s, _ = make()
+    blocker = Job("a", id="blocker")
+    s.submit(blocker)
+    jobs = [Job("a", priority=p, id=f"p{p}-{i}") for i, p in enumerate([4, 2, 0, 2, 4, 0, 1])]
+    for j in jobs:
+        s.submit(j)
+    assert all(j.state is JobState.QUEUED for j in jobs)
+    s.finish(blocker, Outcome.OK)
+    assert grant_order(s, jobs) == ["p0-2", "p0-5", "p1-6", "p2-1", "p2-3", "p4-0", "p4-4"]
+
+
+def test_aging_lifts_a_waiting_job_one_level_per_aging_period():
+    s, clock = make(aging=60.0)
+    blocker = Job("a")
+    s.submit(blocker)
+    old = Job("a", priority=4, id="old")
+    s.submit(old)
+    clock.t += 121          # two aging periods: effective priority 4 -> 2
+    new = Job("a", priority=2, id="new")
+    s.submit(new)
+    s.finish(blocker, Outcome.OK)
+    # Same effective level (2): FIFO by arrival, so the aged job goes first.
+    assert grant_order(s, [old, new]) == ["old", "new"]
+
+
+def test_stream_of_high_priority_work_cannot_starve_a_low_one():
+    s, clock = make(aging=10.0, depth=100)
+    running = Job("a")
+    s.submit(running)
+    low = Job("a", priority=4, id="low")
+    s.submit(low)
+    served_before_low = 0
+    for i in range(60):
+        clock.t += 1
+        s.submit(Job("a", priority=0, id=f"hi{i}"))
+        s.finish(running, Outcome.OK)
+        with s._lock:
+            s._dispatch_locked()
+        running = next(j for j in s._active.values())
+        if running.id == "low":
+            break
+        served_before_low += 1
+    assert running.id == "low", "the P4 job never ran"
+    assert served_before_low <= 45  # it reached level 0 after 40 s, then FIFO put it ahead of newer P0s
+
+
+def test_queue_full_rejects_with_503_and_retry_after():
+    s, _ = make(depth=2)
+    s.submit(Job("a"))  # running, not queued
+    s.submit(Job("a"))
+    s.submit(Job("a"))
+    with pytest.raises(errors.QueueFull) as e:
+        s.submit(Job("a"))
+    assert e.value.status == 503 and errors.response_headers(e.value)["Retry-After"] == "1"
+    assert s.totals["rejected"] == 1
+
+
+def test_timeout_removes_the_job_at_once_and_frees_its_place():
+    s, clock = make(depth=1)
+    s.submit(Job("a"))
+    late = Job("a", timeout_s=5)
+    s.submit(late)
+    clock.t += 6
+    with pytest.raises(errors.QueueTimeout):
+        s.wait(late)
+    snap = s.snapshot()
+    assert snap["pending"] == 0 and late.state is JobState.DONE and late.outcome is Outcome.TIMEOUT
+    s.submit(Job("a"))  # its place in the bounded queue is free again
+
+
+def test_cancelled_queued_job_is_never_granted():
+    s, _ = make()
+    blocker = Job("a")
+    s.submit(blocker)
+    gone = Job("a", id="gone")
+    stays = Job("a", id="stays")
+    s.submit(gone)
+    s.submit(stays)
+    s.cancel(gone)
+    s.finish(blocker, Outcome.OK)
+    assert grant_order(s, [stays]) == ["stays"]
+    assert gone.outcome is Outcome.CANCELLED and gone.granted_at is None
+
+
+def test_cancel_of_a_granted_job_calls_its_hook_and_records_cancelled():
+    s, _ = make()
+    job = Job("a")
+    s.submit(job)
+    aborted = threading.Event()
+    s.attach(job, aborted.set)
+    s.cancel(job)
+    assert aborted.is_set()
+    s.finish(job, Outcome.ERROR, errors.Cancelled("client disconnected"))
+    assert job.outcome is Outcome.CANCELLED
+
+
+def test_cancel_before_attach_refuses_the_upstream_call():
+    s, _ = make()
+    job = Job("a")
+    s.submit(job)
+    s.cancel(job)
+    with pytest.raises(errors.Cancelled):
+        s.attach(job, lambda: None)
+
+
+def test_slots_bound_inflight_and_double_finish_frees_nothing_twice():
+    s, _ = make(slots=2)
+    jobs = [Job("a") for _ in range(5)]
+    for j in jobs:
+        s.submit(j)
+    assert sum(j.state is JobState.GRANTED for j in jobs) == 2
+    first = next(j for j in jobs if j.state is JobState.GRANTED)
+    s.finish(first, Outcome.OK)
+    s.finish(first, Outcome.OK)  # second release must not free another job's slot
+    with s._lock:
+        s._dispatch_locked()
+    assert sum(j.state is JobState.GRANTED for j in jobs) == 2
+    assert s.snapshot()["gates"]["gpu"]["inflight"] == 2
+
+
+def test_counters_add_up_at_every_step():
+    s, clock = make(depth=3)
+
+    def check():
+        snap = s.snapshot()
+        t = snap["totals"]
+        assert t["received"] == (t["served"] + t["rejected"] + t["timed_out"] + t["cancelled"] + t["failed"]
+                                 + snap["pending"] + snap["active"])
+
+    jobs = []
+    for i in range(6):
+        j = Job("a", timeout_s=10)
+        jobs.append(j)
+        try:
+            s.submit(j)
+        except errors.QueueFull:
+            pass
+        check()
+    s.cancel(jobs[1])
+    check()
+    clock.t += 11
+    with pytest.raises(errors.QueueTimeout):
+        s.wait(jobs[2])
+    check()
+    s.finish(jobs[0], Outcome.OK)
+    check()
+    with s._lock:
+        s._dispatch_locked()
+    running = next(iter(s._active.values()))
+    s.finish(running, Outcome.ERROR, errors.BadGateway("x"))
+    check()
+    assert s.totals == {"received": 6, "served": 1, "rejected": 2, "timed_out": 1, "cancelled": 1, "failed": 1}
+
+
+def test_backend_down_fails_queued_jobs_fast_and_refuses_new_ones():
+    s, _ = make()
+    blocker = Job("a")
+    s.submit(blocker)
+    queued = Job("a")
+    s.submit(queued)
+    s.set_health("b1", Health.DOWN)
+    assert queued.outcome is Outcome.ERROR and isinstance(queued.error, errors.Unavailable)
+    with pytest.raises(errors.Unavailable):
+        s.submit(Job("a"))
+
+
+def test_pending_backend_holds_jobs_until_ready():
+    s, _ = make(ready=False)
+    job = Job("a")
+    s.submit(job)
+    assert job.state is JobState.QUEUED
+    s.set_health("b1", Health.READY)
+    with s._lock:
+        s._dispatch_locked()
+    assert job.state is JobState.GRANTED
+
+
+def test_close_answers_every_queued_job():
+    s, _ = make()
+    s.submit(Job("a"))
+    queued = [Job("a"), Job("a")]
+    for j in queued:
+        s.submit(j)
+    assert s.close(errors.Unavailable("shutting down")) == 2
+    assert all(j.outcome is Outcome.REJECTED for j in queued)
+    with pytest.raises(errors.Unavailable):
+        s.submit(Job("a"))
+
+
+def test_wait_ticks_while_queued():
+    s, clock = make()
+    s.submit(Job("a"))
+    job = Job("a", timeout_s=30)
+    s.submit(job)
+    ticks = []
+
+    def tick(position):
+        ticks.append(position)
+        clock.t += 5           # time passes while we write the keepalive
+        if len(ticks) == 3:
+            s.cancel(job)
+
+    clock.t += 10
+    with pytest.raises(errors.Cancelled):
+        s.wait(job, tick, first_tick_s=10, tick_every_s=5)
+    assert ticks == [1, 1, 1]
+
+
+def test_dispatcher_thread_grants_when_a_slot_frees():
+    s, _ = make()
+    s.start()
+    try:
+        first, second = Job("a"), Job("a")
+        s.submit(first)
+        s.submit(second)
+        granted = threading.Event()
+
+        def waiter():
+            s.wait(second)
+            granted.set()
+        t = threading.Thread(target=waiter)
+        t.start()
+        s.finish(first, Outcome.OK)
+        assert granted.wait(2)
+        t.join(2)
+    finally:
+        s.stop()
