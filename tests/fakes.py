@@ -85,6 +85,12 @@ class FakeBackend:
             self._released += n
             self._cond.notify_all()
 
+    def release_all(self) -> None:
+        """Let every held request and all later ones through."""
+        with self._cond:
+            self.holding = False
+            self._cond.notify_all()
+
     def wait_arrivals(self, n: int, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:

@@ -121,13 +121,13 @@ RAW_BODIES = [
     (b'{"model": "fast", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     (b'{"model": "fast", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
     (b"\xff\xfe{}", 400, "not valid JSON"),
-    (b"[" * 5000 + b"]" * 5000, 400, "nested deeper"),
-    (b'{"a":' * 3000 + b"1" + b"}" * 3000, 400, "nested deeper"),
+    (b"[" * 1000 + b"]" * 1000, 400, "nested deeper"),
+    (b'{"a":' * 500 + b"1" + b"}" * 500, 400, "nested deeper"),
     (b"{}" + b" " * 5000, 413, "limit is 4096"),
 ]
 
 
-@pytest.mark.parametrize("raw,status,mentions", RAW_BODIES)
+@pytest.mark.parametrize("raw,status,mentions", RAW_BODIES, ids=[str(i) for i in range(len(RAW_BODIES))])
 def test_malformed_bodies(strict_app, backend, raw, status, mentions):
     got, _, resp = call(strict_app, "POST", "/v1/query", raw=raw)
     assert got == status, resp
@@ -152,7 +152,7 @@ def raw_request(port: int, data: bytes, timeout: float = 5) -> bytes:
         return b"".join(chunks)
 
 
-@pytest.mark.parametrize("head,status", [
+@pytest.mark.parametrize("head,status", ids=[str(i) for i in range(9)], argvalues=[
     (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
     (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", b"400"),
     (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"400"),
@@ -269,7 +269,7 @@ def test_disconnect_while_queued_is_never_forwarded(app, backend):
     s.close()
     until(lambda: app.scheduler.totals["cancelled"] == 1, what="the job to be cancelled")
     assert pending(app) == 0
-    backend.release()
+    backend.release_all()
     t.join(10)
     assert call(app, "POST", "/v1/query", {"model": "fast", "prompt": "after"})[0] == 200
     assert backend.prompts() == ["blocker", "after"]
