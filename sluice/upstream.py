@@ -66,8 +66,18 @@ class Exchange:
             except (OSError, http.client.HTTPException, ValueError) as e:
                 raise self._failure(e, "mid-stream") from None
             if not line:
+                if not self._complete():
+                    raise self._failure(ConnectionError("connection closed before the response ended"), "mid-stream")
                 return
             yield line
+
+    def _complete(self) -> bool:
+        """Whether the body ended by the protocol (last chunk, or all of Content-Length), not by a dropped
+        connection: http.client's readline reports both as b""."""
+        r = self.response
+        if r.chunked:
+            return r.chunk_left is None
+        return r.length in (None, 0)
 
     def abort(self) -> None:
         """Close the upstream socket now: the backend sees the client's disconnect, a blocked read returns."""
