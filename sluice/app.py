@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 from sluice import errors
+from sluice.admin import Admin
 from sluice.api import Api
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
@@ -55,13 +56,11 @@ class App:
                                     self._report_health, settings.health_interval_s)
         self.api = Api(settings, self.scheduler, self.upstreams, self.cloud,
                        on_backend_refused=self._backend_refused, started=self.started)
-        self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.extra_routes()),
+        self.admin = Admin(self)
+        self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
-
-    def extra_routes(self) -> list[Route]:
-        return []
 
     @property
     def port(self) -> int:

@@ -149,6 +149,11 @@ class Scheduler:
         if self._thread:
             self._thread.join(timeout=5)
 
+    def drain(self, error: errors.SluiceError) -> None:
+        """Refuse new jobs with `error`; queued and in-flight ones still run."""
+        with self._lock:
+            self._closed = error
+
     def close(self, error: errors.SluiceError) -> int:
         """Stop admitting; answer every queued job with `error`. Returns how many were answered."""
         with self._lock:
