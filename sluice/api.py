@@ -131,9 +131,11 @@ class Api:
                 self.scheduler.wait(job, tick, self.settings.sse_keepalive_s, min(5.0, self.settings.sse_keepalive_s))
                 serve(job)
         except errors.SluiceError as e:
+            if job.abort_error is not None:          # sluice itself cut it short (e.g. a drain timeout)
+                e = job.abort_error
             self.scheduler.finish(job, outcome_of(e), e)
             job.status = job.status or e.status
-            raise
+            raise e from None
         except ClientGone:
             self.scheduler.finish(job, Outcome.CANCELLED, errors.Cancelled("client disconnected"))
             raise

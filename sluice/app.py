@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import subprocess
 import threading
 import time
 from collections import deque
@@ -19,7 +20,7 @@ from sluice.admin import Admin
 from sluice.api import Api
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
-from sluice.scheduler import Health, Job, Scheduler
+from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server
 from sluice.upstream import HealthMonitor, Upstream
 
@@ -45,11 +46,11 @@ class App:
         self.started = time.monotonic()
         self.recent: deque[dict] = deque(maxlen=200)
         self.upstreams = {b.name: Upstream(b.name, b.url, b.api_key) for b in settings.backends}
-        served_by = {b.name: frozenset(m.name for m in settings.models if b.name in m.backends)
-                     for b in settings.backends}
-        self.scheduler = Scheduler(
-            settings.gates, {b.name: (b.gate, b.slots, served_by[b.name]) for b in settings.backends},
-            max_queue_depth=settings.max_queue_depth, aging_s=settings.aging_s, on_finish=self._record)
+        self._backend_cfg = {b.name: b for b in settings.backends}
+        specs = [BackendSpec(b.name, b.gate, frozenset(m.name for m in settings.models if b.name in m.backends),
+                             b.slots, b.jit_swap) for b in settings.backends]
+        self.scheduler = Scheduler(settings.gates, specs, max_queue_depth=settings.max_queue_depth,
+                                   aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch)
         self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
                            settings.claude_bin, environ)
         self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path) for b in settings.backends},
@@ -109,6 +110,23 @@ class App:
     # ---- wiring ------------------------------------------------------------------------------------------
     def _report_health(self, backend: str, ok: bool) -> None:
         self.scheduler.set_health(backend, Health.READY if ok else Health.DOWN)
+
+    def _switch(self, backend: str, action: str) -> None:
+        """Take a backend's model off the GPU ("sleep", "stop") or bring it back ("wake"). Raises on failure."""
+        cfg = self._backend_cfg[backend]
+        if cfg.switch == "command":
+            argv = cfg.wake_cmd if action == "wake" else cfg.sleep_cmd
+            r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+            if r.returncode != 0:
+                raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr[-300:].decode(errors='replace')}")
+        elif cfg.switch.startswith("vllm-sleep-"):
+            level = int(cfg.switch[-1])
+            if action == "sleep":
+                self.upstreams[backend].vllm_sleep(level)
+            elif action == "wake":
+                self.upstreams[backend].vllm_wake(level)
+            else:
+                raise RuntimeError(f"backend {backend!r} has no way to stop (it is not a process sluice runs)")
 
     def _backend_refused(self, backend: str) -> None:
         self.scheduler.set_health(backend, Health.DOWN)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 GATE_MODES = ("shared", "exclusive")
 POLICIES = ("fifo", "cost-aware", "drain-first")
+SWITCH_METHODS = ("none", "vllm-sleep-1", "vllm-sleep-2", "command")
 CLOUD = "cloud"
 
 
@@ -31,6 +32,7 @@ class GateConfig:
     drain_timeout_s: float = 60.0
     min_active_s: float = 0.0
     max_wait_s: float = 120.0
+    switch_cost_s: float = 5.0      # first guess of a switch's seconds, before any is measured
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,10 @@ class BackendConfig:
     api_key: str | None = field(default=None, repr=False)
     forward_priority: bool = False  # vLLM --scheduling-policy priority takes a `priority` field
     health_path: str | None = None  # None: GET /health, falling back to GET {url}/models
+    jit_swap: bool = False          # the server swaps models on demand (LM Studio JIT): never mix in flight
+    switch: str = "none"            # how an exclusive gate takes it down and up: see SWITCH_METHODS
+    sleep_cmd: tuple[str, ...] = () # switch = "command": argv run to free the GPU, and to load again
+    wake_cmd: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,9 +252,17 @@ def _named_list(doc: dict, key: str) -> list[tuple[str, dict]]:
 
 
 _GATE_PARSERS = {"slots": _int(1), "mode": _choice(GATE_MODES), "policy": _choice(POLICIES),
-                 "drain_timeout_s": _float(0), "min_active_s": _float(0), "max_wait_s": _float(0, positive=True)}
+                 "drain_timeout_s": _float(0), "min_active_s": _float(0), "max_wait_s": _float(0, positive=True),
+                 "switch_cost_s": _float(0)}
+def _argv(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise ValueError("must be a non-empty list of strings (argv; no shell)")
+    return tuple(v)
+
+
 _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "api_key": _str,
-                    "forward_priority": _bool, "health_path": _str}
+                    "forward_priority": _bool, "health_path": _str, "jit_swap": _bool,
+                    "switch": _choice(SWITCH_METHODS), "sleep_cmd": _argv, "wake_cmd": _argv}
 _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names}
 
 
@@ -280,6 +294,8 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
     for b in backends:
         if b.gate not in gate_names:
             raise ConfigError(f"backends.{b.name}.gate: no gate named {b.gate!r} (gates: {', '.join(sorted(gate_names))})")
+        if b.switch == "command" and not (b.sleep_cmd and b.wake_cmd):
+            raise ConfigError(f"backends.{b.name}.switch: \"command\" needs sleep_cmd and wake_cmd")
     backend_names = {b.name for b in backends}
     seen: dict[str, str] = {}
     for m in models:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from sluice import errors
 from sluice.gates import Gate
+from sluice.policies import GateView, SwitchCosts, Waiting, decide, next_deadline
 
 log = logging.getLogger("sluice.scheduler")
 
@@ -82,6 +83,7 @@ class Job:
     first_byte_at: float | None = None
     usage: dict | None = None
     cancel_hook: Callable[[], None] | None = None  # closes the upstream connection of a job in flight
+    abort_error: errors.SluiceError | None = None  # why sluice (not the client) aborted it
     _signal: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -90,30 +92,60 @@ class Job:
         return max(0.0, (end or self.enqueued_at) - self.enqueued_at)
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """What the scheduler needs to know of a backend: where it sits and what it serves."""
+    name: str
+    gate: str
+    models: frozenset[str]
+    slots: int | None = None      # None: as many as the gate allows
+    jit_swap: bool = False        # loads models on demand (LM Studio JIT): never mix models in flight
+
+
 @dataclass
 class _Backend:
-    name: str
+    spec: BackendSpec
     gate: Gate
     slots: int
-    models: frozenset[str]
     inflight: int = 0
     health: Health = Health.PENDING
+    current: str | None = None    # the model it last served (affinity; JIT drain guard while inflight)
 
-    def free(self) -> bool:
-        return self.health is Health.READY and self.inflight < self.slots
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def models(self) -> frozenset[str]:
+        return self.spec.models
+
+    def can_take(self, model: str) -> bool:
+        if self.inflight >= self.slots or not self.gate.has_slot():
+            return False
+        if self.gate.exclusive:
+            # Only the resident model's backend is awake; a failed probe of a sleeping one means nothing.
+            if self.gate.resident != model or self.gate.drain_target is not None:
+                return False
+        elif self.health is not Health.READY:
+            return False
+        # Drain guard: a server that swaps models on demand must finish model A before it sees model B.
+        return not (self.spec.jit_swap and self.inflight and self.current != model)
 
 
 class Scheduler:
     """Owns pending jobs and slots. Knows nothing of HTTP.
 
-    `backends`: name -> (gate name, slots or None, models it serves); `gates`: GateConfig list.
-    `clock` is injected (monotonic seconds) so tests drive aging and timeouts without sleeping.
+    `gates`: GateConfig list; `backends`: BackendSpec list. `clock` is injected (monotonic seconds) so
+    tests drive aging, timeouts and switch decisions without sleeping. `switcher(backend, action)` puts a
+    backend to sleep or wakes it ("sleep" / "wake"), raising on failure; it runs on a switch thread.
     """
 
-    def __init__(self, gates, backends: dict[str, tuple[str, int | None, frozenset[str]]], *,
+    def __init__(self, gates, backends: list[BackendSpec], *,
                  max_queue_depth: int = 20, aging_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_finish: Callable[[Job], None] | None = None):
+                 on_finish: Callable[[Job], None] | None = None,
+                 switcher: Callable[[str, str], None] | None = None,
+                 on_switch: Callable[[str, dict], None] | None = None):
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # a grant may have become possible
         self._idle = threading.Condition(self._lock)   # no job is in flight
@@ -122,8 +154,11 @@ class Scheduler:
         self.max_queue_depth = max_queue_depth
         self._on_finish = on_finish
         self._gates = {g.name: Gate(g) for g in gates}
-        self._backends = {name: _Backend(name, self._gates[gate], slots or self._gates[gate].slots, models)
-                          for name, (gate, slots, models) in backends.items()}
+        self._backends = {b.name: _Backend(b, self._gates[b.gate], b.slots or self._gates[b.gate].slots)
+                          for b in backends}
+        self._switcher = switcher or (lambda backend, action: None)
+        self._on_switch = on_switch
+        self._costs = {g.name: SwitchCosts(seed_s=g.switch_cost_s) for g in gates}
         self._queues: dict[str, list[deque[Job]]] = {}
         for b in self._backends.values():
             for m in b.models:
@@ -212,7 +247,7 @@ class Scheduler:
                 "retry later or raise the limit", retry_after=1,
                 headers={"X-Queue-Position": str(self._depth + 1)})
         backends = [b for b in self._backends.values() if job.model in b.models]
-        if backends and all(b.health is Health.DOWN for b in backends):
+        if backends and all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
             return errors.Unavailable(
                 f"no backend for model {job.model!r} is up ({', '.join(b.name for b in backends)} down); "
                 "start the inference server or check its URL", retry_after=5)
@@ -297,7 +332,8 @@ class Scheduler:
             b.health = health
             if health is Health.DOWN:
                 for model in b.models:
-                    if all(o.health is Health.DOWN for o in self._backends.values() if model in o.models):
+                    if all(o.health is Health.DOWN and not o.gate.exclusive
+                           for o in self._backends.values() if model in o.models):
                         err = errors.Unavailable(
                             f"backend {backend!r} for model {model!r} went down; retry when it is back",
                             retry_after=5)
@@ -352,7 +388,9 @@ class Scheduler:
             self._remove_locked(job)
         if backend is not None:
             backend.inflight += 1
+            backend.current = job.model
             backend.gate.inflight += 1
+            backend.gate.served_since_switch += 1
             job.backend, job.gate = backend.name, backend.gate.name
         job.state = JobState.GRANTED
         job.granted_at = now
@@ -368,11 +406,11 @@ class Scheduler:
         return False
 
     def _candidates_locked(self, model: str, gate: Gate | None = None) -> list[_Backend]:
-        """Backends (on `gate`, if given) that could take a job for `model` now, least loaded first."""
+        """Backends (on `gate`, if given) that can take `model` now: the one that already has it loaded
+        first (affinity), then the least loaded."""
         free = [b for b in self._backends.values()
-                if model in b.models and b.free() and b.gate.inflight < b.gate.slots
-                and (gate is None or b.gate is gate)]
-        return sorted(free, key=lambda b: b.inflight / b.slots)
+                if model in b.models and (gate is None or b.gate is gate) and b.can_take(model)]
+        return sorted(free, key=lambda b: (b.current != model, b.inflight / b.slots))
 
     def _waiting_on_locked(self, gate: Gate) -> int:
         models = {m for b in self._backends.values() if b.gate is gate for m in b.models}
@@ -391,26 +429,142 @@ class Scheduler:
                         best, best_key = q[0], key
         return best
 
-    def _dispatch_locked(self) -> None:
+    def _dispatch_locked(self) -> float | None:
+        """Grant what can be granted; returns when a time-based decision is next due (or None)."""
         now = self._clock()
+        due: list[float] = []
+        for gate in self._gates.values():
+            when = self._dispatch_exclusive_locked(gate, now) if gate.exclusive else None
+            if when is not None:
+                due.append(when)
+        # Shared gates (and the resident model of exclusive ones): best job among the models that a free
+        # backend can take. A job blocked on one gate never blocks another gate (no head-of-line blocking).
         progress = True
         while progress and self._depth:
             progress = False
             for gate in self._gates.values():
-                if gate.inflight >= gate.slots:
+                if not gate.has_slot():
                     continue
-                runnable = {m for b in self._backends.values() if b.gate is gate and b.free() for m in b.models}
+                runnable = {m for b in self._backends.values() if b.gate is gate for m in b.models
+                            if b.can_take(m)}
                 job = self._best_locked(runnable, now)
-                if job is None:
-                    continue
-                self._grant_locked(job, self._candidates_locked(job.model, gate)[0], now)
-                progress = True
+                if job is not None:
+                    self._grant_locked(job, self._candidates_locked(job.model, gate)[0], now)
+                    progress = True
+        return min(due, default=None)
+
+    def _gate_models_locked(self, gate: Gate) -> set[str]:
+        return {m for b in self._backends.values() if b.gate is gate for m in b.models}
+
+    def _dispatch_exclusive_locked(self, gate: Gate, now: float) -> float | None:
+        """Decide whether an exclusive gate keeps serving its resident model or switches (drain first)."""
+        if gate.switching:
+            return None
+        models = self._gate_models_locked(gate)
+        waiting = tuple(Waiting(j.model, self._effective(j, now), j.seq, j.enqueued_at)
+                        for m in models for q in self._queues[m] for j in q)
+        view = GateView(now=now, resident=gate.resident, inflight=gate.inflight,
+                        resident_since=gate.resident_since, served_since_switch=gate.served_since_switch,
+                        waiting=waiting, max_wait_s=gate.config.max_wait_s, min_active_s=gate.config.min_active_s)
+        target = decide(gate.config.policy, view, self._costs[gate.name]) if waiting else None
+        if target is None or target == gate.resident:
+            gate.drain_target = gate.drain_started = None   # nothing to switch to (a cancel can end a drain)
+            return next_deadline(view) if waiting else None
+        if gate.drain_target != target:
+            gate.drain_target, gate.drain_started = target, now
+        if gate.inflight:
+            deadline = gate.drain_started + gate.config.drain_timeout_s
+            if now < deadline:
+                return min(deadline, next_deadline(view) or deadline)
+            self._abort_gate_locked(gate, errors.Unavailable(
+                f"cancelled after {gate.config.drain_timeout_s:g}s: gate {gate.name!r} must switch to model "
+                f"{target!r} (drain_timeout_s); retry", retry_after=1))
+            return None
+        self._start_switch_locked(gate, target, now)
+        return None
+
+    def _abort_gate_locked(self, gate: Gate, err: errors.SluiceError) -> None:
+        hooks = []
+        for job in self._active.values():
+            if job.gate == gate.name and job.abort_error is None:
+                job.abort_error = err
+                if job.cancel_hook is not None:
+                    hooks.append(job.cancel_hook)
+        # Hooks only shut sockets down; calling them under the lock cannot block.
+        for hook in hooks:
+            hook()
+
+    def _start_switch_locked(self, gate: Gate, target: str, now: float) -> None:
+        old = gate.resident
+        gate.switching = True
+        drain_s = now - gate.drain_started if gate.drain_started is not None else 0.0
+        gate.drain_target = gate.drain_started = None
+        sleepers = [b.name for b in self._backends.values() if b.gate is gate and target not in b.models
+                    and (old is None or old in b.models)]
+        wakers = [b.name for b in self._backends.values() if b.gate is gate and target in b.models]
+        threading.Thread(target=self._switch, args=(gate, old, target, sleepers, wakers, drain_s),
+                         name=f"sluice-switch-{gate.name}", daemon=True).start()
+
+    def _switch(self, gate: Gate, old: str | None, target: str, sleepers: list[str], wakers: list[str],
+                drain_s: float) -> None:
+        """Runs off the dispatcher: take the old model down, bring the new one up, then hand the gate back."""
+        t0 = self._clock()
+        phases = {"from": old, "to": target, "drain_s": round(drain_s, 3)}
+        failure = None
+        for name in sleepers:
+            try:
+                self._switcher(name, "sleep")
+            except Exception as e:
+                log.warning("gate %s: sleeping %s failed (%s); stopping it instead", gate.name, name, e)
+                try:
+                    self._switcher(name, "stop")
+                except Exception as e2:
+                    log.error("gate %s: stopping %s failed too: %s", gate.name, name, e2)
+        t1 = self._clock()
+        for name in wakers:
+            try:
+                self._switcher(name, "wake")
+            except Exception as e:
+                failure = f"waking {name} failed: {e}"
+                break
+        t2 = self._clock()
+        phases.update(sleep_s=round(t1 - t0, 3), wake_s=round(t2 - t1, 3), result="ok" if not failure else "failed")
+        failed: list[Job] = []
+        with self._lock:
+            gate.switching = False
+            gate.last_switch = phases
+            if failure is None:
+                gate.resident, gate.resident_since, gate.served_since_switch = target, t2, 0
+                gate.switches += 1
+                for name in wakers:
+                    self._backends[name].health = Health.READY
+                self._costs[gate.name].observe(old, target, t2 - t0)
+            else:
+                # Nothing is awake now; fail this model's waiting jobs fast so the next model can go.
+                gate.resident = None
+                gate.switch_failures += 1
+                err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",
+                                         retry_after=5)
+                for q in self._queues[target]:
+                    while q:
+                        failed.append(q[0])
+                        self._finish_locked(q[0], Outcome.ERROR, err)
+            self._work.notify()
+        if failure:
+            log.error("gate %s: switch %s -> %s failed: %s", gate.name, old, target, failure)
+        else:
+            log.info("gate %s: switched %s -> %s (drain %.2fs, sleep %.2fs, wake %.2fs)", gate.name, old, target,
+                     drain_s, t1 - t0, t2 - t1)
+        if self._on_switch is not None:
+            self._on_switch(gate.name, phases)
+        self._notify_finished(failed)
 
     def _dispatch_loop(self) -> None:
         with self._lock:
             while not self._stopping:
-                self._dispatch_locked()
-                self._work.wait()
+                due = self._dispatch_locked()
+                timeout = None if due is None else max(0.0, due - self._clock())
+                self._work.wait(timeout)
 
     # ---- reading ----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -433,7 +587,7 @@ class Scheduler:
                                 for j in self._active.values()],
                 "gates": {g.name: g.view() for g in self._gates.values()},
                 "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
-                                      "gate": b.gate.name} for b in self._backends.values()},
+                                      "gate": b.gate.name, "current": b.current} for b in self._backends.values()},
             }
 
     def position(self, job: Job) -> int | None:

@@ -191,6 +191,33 @@ class Upstream:
         ex.send(method, self.base_path + path, body, hdrs)
         return ex
 
+    # ---- control (model switching) -------------------------------------------------------------------
+    def control(self, path: str, body: dict | None = None, timeout: float = 300.0) -> bytes:
+        """POST to a path at the server root (vLLM's /sleep, /wake_up, ...); raises unless it answers 2xx."""
+        conn = self._new_conn(timeout)
+        try:
+            data = json.dumps(body).encode() if body is not None else b""
+            conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **self._auth})
+            resp = conn.getresponse()
+            out = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise errors.BadGateway(f"backend {self.name!r}: POST {path} failed: {e}") from None
+        finally:
+            conn.close()
+        if not 200 <= resp.status < 300:
+            raise errors.BadGateway(f"backend {self.name!r}: POST {path} answered {resp.status}: {out[:200]!r}")
+        return out
+
+    def vllm_sleep(self, level: int) -> None:
+        self.control(f"/sleep?level={level}")
+
+    def vllm_wake(self, level: int) -> None:
+        """Level 1 keeps weights in CPU memory; level 2 discarded them, so reload them and reset the cache."""
+        self.control("/wake_up")
+        if level == 2:
+            self.control("/collective_rpc", {"method": "reload_weights"})
+            self.control("/reset_prefix_cache")
+
     # ---- health --------------------------------------------------------------------------------------
     def probe(self, timeout: float = 2.0, health_path: str | None = None) -> bool:
         """True when the backend answers `GET /health` (mlx-lm, llama.cpp, vLLM) or else `GET {url}/models`."""

@@ -34,6 +34,10 @@ class FakeBackend:
         self.disconnects: list[float] = []    # monotonic times at which a client was seen to leave
         self.event_times: list[float] = []    # when each SSE event was written
         self.holding = False                  # when True, requests wait for release()
+        self.sleeping = False                 # vLLM sleep mode
+        self.control_calls: list[tuple[float, str]] = []   # (time, "POST /sleep?level=1"), in order
+        self.fail_control: set[str] = set()   # paths (without query) that answer 500
+        self.shared_log: list | None = None   # several fakes can share one log to check cross-server order
         self._released = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -47,6 +51,8 @@ class FakeBackend:
                 pass
 
             def do_GET(self):
+                if self.path == "/is_sleeping":
+                    return self._json(200, {"is_sleeping": outer.sleeping})
                 if self.path in ("/health", "/v1/models"):
                     body = {"status": "ok"} if self.path == "/health" else {
                         "object": "list", "data": [{"id": outer.model, "object": "model"}]}
@@ -57,6 +63,11 @@ class FakeBackend:
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(n) or b"{}")
+                if not self.path.startswith("/v1/"):
+                    return outer._control(self, self.path, body)
+                if outer.sleeping:
+                    outer.violations.append(f"request for {body.get('model')} while asleep")
+                    return self._json(503, {"error": "asleep"})
                 outer._enter(self.path, body)
                 try:
                     outer._serve(self, body)
@@ -146,6 +157,23 @@ class FakeBackend:
                 self._cond.wait()
             if self.holding:
                 self._released -= 1
+
+    def _control(self, h, path: str, body: dict) -> None:
+        """vLLM's dev-mode endpoints: /sleep?level=N, /wake_up, /collective_rpc, /reset_prefix_cache."""
+        entry = (time.monotonic(), f"POST {path}" + (f" {body.get('method')}" if body.get("method") else ""))
+        with self._cond:
+            self.control_calls.append(entry)
+            if self.shared_log is not None:
+                self.shared_log.append((self.model, entry[1]))
+            if self.current and path.startswith("/sleep"):
+                self.violations.append(f"put to sleep with {self.current} request(s) in flight")
+        if path.split("?")[0] in self.fail_control:
+            return h._json(500, {"error": "control failed"})
+        if path.startswith("/sleep"):
+            self.sleeping = True
+        elif path == "/wake_up":
+            self.sleeping = False
+        h._json(200, {})
 
     def _leave(self) -> None:
         with self._cond:

@@ -8,7 +8,7 @@ import pytest
 
 from sluice import errors
 from sluice.config import GateConfig
-from sluice.scheduler import Health, Job, JobState, Outcome, Scheduler
+from sluice.scheduler import BackendSpec, Health, Job, JobState, Outcome, Scheduler
 
 
 class Clock:
@@ -21,7 +21,7 @@ class Clock:
 
 def make(slots=1, depth=20, aging=60.0, models=("a",), clock=None, ready=True, **kw):
     clock = clock or Clock()
-    s = Scheduler([GateConfig("gpu", slots=slots)], {"b1": ("gpu", None, frozenset(models))},
+    s = Scheduler([GateConfig("gpu", slots=slots)], [BackendSpec("b1", "gpu", frozenset(models))],
                   max_queue_depth=depth, aging_s=aging, clock=clock, **kw)
     if ready:
         s.set_health("b1", Health.READY)
