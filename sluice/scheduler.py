@@ -6,9 +6,10 @@ notified whenever a grant might have become possible: a job arrived, a slot free
 changed. Grants are decided only under the lock: inline on submit when the gate is idle with nothing
 waiting (the fast path), otherwise by the one dispatcher thread.
 
-Queues are one FIFO deque per (model, priority level). The head of a level's deque is its oldest job, so
-it also has that level's best *effective* priority (priority improved one level per `aging_s` waited):
-picking the best of the five heads gives exact aging without re-heaping (see docs/design.md).
+Queues are one `_Level` per (model, priority): FIFO per client, clients interleaved fairly. Each client's
+head is its oldest job, so the most-aged job of a level is among the heads: a level ranks by the best
+*effective* priority of its heads (priority improved one level per `aging_s` waited), which gives exact
+aging without re-heaping (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -67,8 +68,10 @@ class Job:
     timeout_s: float = 300.0
     id: str = field(default_factory=new_id)
     client: str | None = None       # API key name, for logs and fair share
+    max_queued: int | None = None   # that key's limit on its own queued jobs (429 beyond)
     # Set by the scheduler:
     seq: int = 0
+    tag: int = 0                    # fair-queuing tag within its priority level
     state: JobState = JobState.NEW
     enqueued_at: float = 0.0
     deadline: float = 0.0
@@ -92,6 +95,56 @@ class Job:
         return max(0.0, (end or self.enqueued_at) - self.enqueued_at)
 
 
+class _Level:
+    """The queue of one (model, priority): FIFO per client, clients interleaved by start-time fair queuing.
+
+    A job's tag is max(level virtual time, its client's last tag) + 1, so a client with 500 queued jobs
+    holds tags V+1..V+500 while another client's single job gets V+1 and runs next. With one client (no
+    API keys) tags follow arrival order: plain FIFO.
+    """
+
+    __slots__ = ("by_client", "vtime", "last_tag", "n")
+
+    def __init__(self):
+        self.by_client: dict[str | None, deque[Job]] = {}
+        self.vtime = 0
+        self.last_tag: dict[str | None, int] = {}
+        self.n = 0
+
+    def push(self, job: "Job") -> None:
+        job.tag = max(self.vtime, self.last_tag.get(job.client, 0)) + 1
+        self.last_tag[job.client] = job.tag
+        self.by_client.setdefault(job.client, deque()).append(job)
+        self.n += 1
+
+    def remove(self, job: "Job", granted: bool = False) -> None:
+        d = self.by_client[job.client]
+        if d[0] is job:
+            d.popleft()
+        else:
+            d.remove(job)
+        self.n -= 1
+        if granted:
+            self.vtime = max(self.vtime, job.tag)
+        if not d:
+            del self.by_client[job.client]
+            if self.last_tag.get(job.client, 0) <= self.vtime:
+                self.last_tag.pop(job.client, None)   # an idle client starts again from the virtual time
+
+    def heads(self):
+        return [d[0] for d in self.by_client.values()]
+
+    def nominee(self) -> "Job":
+        """The fair next job of this level."""
+        return min((d[0] for d in self.by_client.values()), key=lambda j: (j.tag, j.seq))
+
+    def __iter__(self):
+        return (j for d in self.by_client.values() for j in d)
+
+    def __len__(self) -> int:
+        return self.n
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """What the scheduler needs to know of a backend: where it sits and what it serves."""
@@ -110,6 +163,7 @@ class _Backend:
     inflight: int = 0
     health: Health = Health.PENDING
     current: str | None = None    # the model it last served (affinity; JIT drain guard while inflight)
+    reserved: bool = False        # JIT: draining so a better-placed job for another model can load
 
     @property
     def name(self) -> str:
@@ -128,8 +182,9 @@ class _Backend:
                 return False
         elif self.health is not Health.READY:
             return False
-        # Drain guard: a server that swaps models on demand must finish model A before it sees model B.
-        return not (self.spec.jit_swap and self.inflight and self.current != model)
+        # Drain guard: a server that swaps models on demand must finish model A before it sees model B,
+        # and takes no more A while a B that is ahead in the queue waits for it to drain.
+        return not (self.spec.jit_swap and self.inflight and (self.current != model or self.reserved))
 
 
 class Scheduler:
@@ -159,10 +214,10 @@ class Scheduler:
         self._switcher = switcher or (lambda backend, action: None)
         self._on_switch = on_switch
         self._costs = {g.name: SwitchCosts(seed_s=g.switch_cost_s) for g in gates}
-        self._queues: dict[str, list[deque[Job]]] = {}
+        self._queues: dict[str, list[_Level]] = {}
         for b in self._backends.values():
             for m in b.models:
-                self._queues.setdefault(m, [deque() for _ in range(LEVELS)])
+                self._queues.setdefault(m, [_Level() for _ in range(LEVELS)])
         self._seq = itertools.count()
         self._depth = 0
         self._active: dict[str, Job] = {}
@@ -228,7 +283,7 @@ class Scheduler:
                 self._grant_locked(job, None, now)
             else:
                 job.state = JobState.QUEUED
-                self._queues[job.model][job.priority].append(job)
+                self._queues[job.model][job.priority].push(job)
                 self._depth += 1
                 if not self._grant_fast_locked(job, now):
                     self._work.notify()
@@ -241,6 +296,12 @@ class Scheduler:
             return self._closed
         if job.model not in self._queues:
             return None
+        if job.max_queued is not None:
+            mine = sum(len(q.by_client.get(job.client, ())) for qs in self._queues.values() for q in qs)
+            if mine >= job.max_queued:
+                return errors.TooManyRequests(
+                    f"key {job.client!r} already has {mine} queued request(s), its max_queued; retry later",
+                    retry_after=1)
         if self._depth >= self.max_queue_depth:
             return errors.QueueFull(
                 f"queue full ({self._depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
@@ -337,11 +398,9 @@ class Scheduler:
                         err = errors.Unavailable(
                             f"backend {backend!r} for model {model!r} went down; retry when it is back",
                             retry_after=5)
-                        for q in self._queues[model]:
-                            while q:
-                                job = q[0]
-                                self._finish_locked(job, Outcome.ERROR, err)
-                                failed.append(job)
+                        for job in [j for q in self._queues[model] for j in q]:
+                            self._finish_locked(job, Outcome.ERROR, err)
+                            failed.append(job)
             self._work.notify()
         self._notify_finished(failed)
 
@@ -351,8 +410,8 @@ class Scheduler:
         return 1 + sum(1 for qs in self._queues.values() for q in qs for j in q
                        if (self._effective(j, now), j.seq) < key)
 
-    def _remove_locked(self, job: Job) -> None:
-        self._queues[job.model][job.priority].remove(job)
+    def _remove_locked(self, job: Job, granted: bool = False) -> None:
+        self._queues[job.model][job.priority].remove(job, granted)
         self._depth -= 1
 
     def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
@@ -385,7 +444,7 @@ class Scheduler:
 
     def _grant_locked(self, job: Job, backend: _Backend | None, now: float) -> None:
         if job.state is JobState.QUEUED:
-            self._remove_locked(job)
+            self._remove_locked(job, granted=True)
         if backend is not None:
             backend.inflight += 1
             backend.current = job.model
@@ -420,13 +479,16 @@ class Scheduler:
         return max(0, job.priority - int((now - job.enqueued_at) / self._aging_s))
 
     def _best_locked(self, models, now: float) -> Job | None:
+        """Each non-empty level nominates its fair next job; a level ranks by its most-aged job (each
+        client's head is that client's oldest), so aging lifts a level as soon as any of its jobs waited."""
         best, best_key = None, None
         for m in models:
             for q in self._queues[m]:
                 if q:
-                    key = (self._effective(q[0], now), q[0].seq)
+                    job = q.nominee()
+                    key = (min(self._effective(h, now) for h in q.heads()), job.seq)
                     if best_key is None or key < best_key:
-                        best, best_key = q[0], key
+                        best, best_key = job, key
         return best
 
     def _dispatch_locked(self) -> float | None:
@@ -439,6 +501,7 @@ class Scheduler:
                 due.append(when)
         # Shared gates (and the resident model of exclusive ones): best job among the models that a free
         # backend can take. A job blocked on one gate never blocks another gate (no head-of-line blocking).
+        self._reserve_jit_locked(now)
         progress = True
         while progress and self._depth:
             progress = False
@@ -452,6 +515,13 @@ class Scheduler:
                     self._grant_locked(job, self._candidates_locked(job.model, gate)[0], now)
                     progress = True
         return min(due, default=None)
+
+    def _reserve_jit_locked(self, now: float) -> None:
+        """A swapping server whose best waiting job is for another model drains: it takes nothing more."""
+        for b in self._backends.values():
+            if b.spec.jit_swap:
+                best = self._best_locked(b.models, now) if b.inflight else None
+                b.reserved = best is not None and best.model != b.current
 
     def _gate_models_locked(self, gate: Gate) -> set[str]:
         return {m for b in self._backends.values() if b.gate is gate for m in b.models}
@@ -545,10 +615,9 @@ class Scheduler:
                 gate.switch_failures += 1
                 err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",
                                          retry_after=5)
-                for q in self._queues[target]:
-                    while q:
-                        failed.append(q[0])
-                        self._finish_locked(q[0], Outcome.ERROR, err)
+                for job in [j for q in self._queues[target] for j in q]:
+                    failed.append(job)
+                    self._finish_locked(job, Outcome.ERROR, err)
             self._work.notify()
         if failure:
             log.error("gate %s: switch %s -> %s failed: %s", gate.name, old, target, failure)

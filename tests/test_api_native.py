@@ -291,8 +291,10 @@ def test_dead_backend_is_503_degraded_and_recovers(make_app, backend):
     dead.close()                                   # nothing listens there: connections are refused
     app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": f"http://127.0.0.1:{port}/v1"},
                    wait_ready=False)
-    until(lambda: call(app, "GET", "/v1/health")[2]["status"] == "degraded", what="degraded health")
+    until(lambda: call(app, "GET", "/v1/health")[2]["model_status"] == {
+        "reasoning": "down", "fast": "ready", "cloud": "unavailable"}, what="both probed")
     health = call(app, "GET", "/v1/health")[2]
+    assert health["status"] == "degraded"
     assert health["model_status"]["reasoning"] == "down" and health["model_status"]["fast"] == "ready"
     status, headers, body = call(app, "POST", "/v1/query", {"model": "reasoning", "prompt": "x"})
     assert status == 503 and "Retry-After" in headers and "down" in body["error"]

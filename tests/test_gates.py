@@ -236,7 +236,8 @@ def test_jit_guard_never_mixes_models_on_a_swapping_server():
     b1 = r.submit("b")
     a2 = r.submit("a")
     r.dispatch()
-    assert granted(a1, b1, a2) == [True, False, False]   # b1 waits though a slot is free
+    # b1 waits though a slot is free; a2 is not let past it either, or steady `a` work would starve b1
+    assert granted(a1, b1, a2) == [True, False, False]
     r.s.finish(a1, Outcome.OK)
     r.dispatch()
     assert granted(b1, a2) == [True, False]             # FIFO: b1 was first once a drained
@@ -260,8 +261,8 @@ def test_pool_prefers_the_backend_that_has_the_model_then_the_least_loaded():
 
 
 def test_pool_member_down_reroutes_and_all_down_fails_fast():
-    x = BackendSpec("x", "gpu", frozenset({"a"}))
-    y = BackendSpec("y", "gpu", frozenset({"a"}))
+    x = BackendSpec("x", "gpu", frozenset({"a"}), slots=1)
+    y = BackendSpec("y", "gpu", frozenset({"a"}), slots=1)
     r = Rig(mode="shared", slots=2, backends=[x, y])
     r.s.set_health("x", Health.DOWN)
     a1 = r.submit("a")

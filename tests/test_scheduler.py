@@ -276,3 +276,31 @@ def test_dispatcher_thread_grants_when_a_slot_frees():
         t.join(2)
     finally:
         s.stop()
+
+
+def test_fair_share_interleaves_clients_within_a_level():
+    s, _ = make(depth=100)
+    blocker = Job("a")
+    s.submit(blocker)
+    heavy = [Job("a", client="batch", id=f"batch{i}") for i in range(6)]
+    for j in heavy:
+        s.submit(j)
+    light = [Job("a", client="alice", id="alice0"), Job("a", client="bob", id="bob0")]
+    for j in light:
+        s.submit(j)
+    s.finish(blocker, Outcome.OK)
+    order = grant_order(s, heavy + light)
+    # one client's backlog does not hold back the others' single jobs
+    assert order[:4] == ["batch0", "alice0", "bob0", "batch1"]
+    assert [o for o in order if o.startswith("batch")] == [f"batch{i}" for i in range(6)]
+
+
+def test_max_queued_per_key_is_429_for_that_key_only():
+    s, _ = make(depth=100)
+    s.submit(Job("a"))
+    for _ in range(2):
+        s.submit(Job("a", client="k", max_queued=2))
+    with pytest.raises(errors.TooManyRequests) as e:
+        s.submit(Job("a", client="k", max_queued=2))
+    assert e.value.status == 429 and errors.response_headers(e.value)["Retry-After"] == "1"
+    s.submit(Job("a", client="other", max_queued=2))
