@@ -66,7 +66,7 @@ class Admin:
             "recent": list(app.recent)[-50:],
             "config": {"host": s.host, "port": app.port, "max_queue_depth": s.max_queue_depth,
                        "aging_s": s.aging_s, "queue_timeout_s": s.queue_timeout_s,
-                       "auth": bool(s.api_keys), "config_file": str(s.config_path) if s.config_path else None},
+                       "auth": bool(s.keys), "config_file": str(s.config_path) if s.config_path else None},
         }
 
     def status(self, h: Handler) -> None:

@@ -122,6 +122,19 @@ class Api:
                                     param="priority")
         return int(header)
 
+    def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, **kw) -> Job:
+        """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
+        key = getattr(h, "key", None)
+        if key is None:
+            return Job(model, priority, route, **kw)
+        if key.models and asked_model not in key.models and model not in key.models:
+            raise errors.Forbidden(f"key {key.name!r} may not use model {asked_model!r} "
+                                   f"(allowed: {', '.join(key.models)})", param="model")
+        if priority < key.max_priority:
+            h.extra_headers["X-Sluice-Priority-Clamped"] = f"{priority}->{key.max_priority}"
+            priority = key.max_priority
+        return Job(model, priority, route, client=key.name, max_queued=key.max_queued, **kw)
+
     def run(self, h: Handler, job: Job, serve: Callable[[Job], None],
             tick: Callable[[int], None] | None = None) -> None:
         """The life of a job: admitted, granted, served, finished exactly once."""
@@ -175,7 +188,7 @@ class Api:
         temperature = _num_field(body, "temperature", 0, 2, 0.3)
         priority = _int_field(body, "priority", 0, 4, s.default_priority)
         timeout = _num_field(body, "timeout", 0.001, 86400.0)
-        job = Job(model, priority, "/v1/query", stream=False, timeout_s=timeout or s.queue_timeout_s)
+        job = self.new_job(h, body.get("model"), model, priority, "/v1/query", timeout_s=timeout or s.queue_timeout_s)
         if s.log_prompts:
             job.payload = prompt
         result: dict = {}
@@ -212,8 +225,10 @@ class Api:
                              "result": result["text"], "id": job.id}, headers=self._headers(job))
 
     def health(self, h: Handler) -> None:
-        snap = self.scheduler.snapshot()
-        h.respond_json(200, self.health_doc(snap))
+        doc = self.health_doc(self.scheduler.snapshot())
+        if self.settings.keys and getattr(h, "key", None) is None:
+            doc = {"status": doc["status"]}      # open to probes, but nothing about the setup without a key
+        h.respond_json(200, doc)
 
     def health_doc(self, snap: dict) -> dict:
         states = {name: b["health"] for name, b in snap["backends"].items()}
@@ -284,7 +299,8 @@ class Api:
         priority = self.priority(h, body)
         if model == CLOUD and path != "/chat/completions":
             raise errors.BadRequest(f"model {CLOUD!r} serves /v1/chat/completions only", param="model")
-        job = Job(model, priority, "/v1" + path, stream=stream, timeout_s=s.queue_timeout_s)
+        job = self.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream,
+                           timeout_s=s.queue_timeout_s)
         if model != CLOUD:
             body["model"] = self.models[model].upstream_model
         sse = _SSE(h, job, self)

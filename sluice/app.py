@@ -38,7 +38,7 @@ def is_loopback(host: str) -> bool:
 
 class App:
     def __init__(self, settings: Settings, environ=None):
-        if not is_loopback(settings.host) and not settings.api_keys and not settings.allow_unauthenticated:
+        if not is_loopback(settings.host) and not settings.keys and not settings.allow_unauthenticated:
             raise ConfigError(
                 f"SLUICE_HOST: refusing to listen on {settings.host!r} without API keys; set SLUICE_API_KEYS "
                 "(clients send Authorization: Bearer KEY), or SLUICE_ALLOW_UNAUTHENTICATED=1 to allow it anyway")
@@ -133,18 +133,23 @@ class App:
         self.health.kick()
 
     def authorize(self, h, route: Route) -> None:
-        keys = self.settings.api_keys
-        if not keys or route.public:
+        """Set `h.key` to the caller's key; refuse what that key may not do. Without keys all is open."""
+        h.key = None
+        keys = self.settings.keys
+        if not keys:
             return
         auth = h.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else h.headers.get("x-api-key", "")
-        given_b = given.encode()
-        # compare against every key (constant time each) so timing says nothing about which matched
-        ok = False
+        given = (auth[7:].strip() if auth[:7].lower() == "bearer " else h.headers.get("x-api-key", "")).encode()
+        # Compare against every key, each in constant time, so timing tells nothing about which matched.
         for k in keys:
-            ok |= hmac.compare_digest(given_b, k.encode())
-        if not ok:
-            raise errors.Unauthorized("missing or wrong API key; send Authorization: Bearer KEY or x-api-key")
+            if hmac.compare_digest(given, k.key.encode()):
+                h.key = k
+        if route.public:
+            return
+        if h.key is None:
+            raise errors.Unauthorized("missing or wrong API key; send Authorization: Bearer KEY or x-api-key: KEY")
+        if route.admin and not h.key.admin:
+            raise errors.Forbidden(f"key {h.key.name!r} is not an admin key")
 
     def _record(self, job: Job) -> None:
         """One line per finished job (its request id, model, priority, wait, service time, outcome)."""

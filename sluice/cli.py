@@ -68,7 +68,7 @@ def show_config(args) -> int:
     s = _settings(args)
     out = {}
     for f in dataclasses.fields(s):
-        if f.name in ("sources", "gates", "backends", "models"):
+        if f.name in ("sources", "gates", "backends", "models", "keys"):
             continue
         v = getattr(s, f.name)
         if f.name == "api_keys":
@@ -76,6 +76,8 @@ def show_config(args) -> int:
         out[f.name] = {"value": str(v) if isinstance(v, Path) else v,
                        "source": s.sources.get(f.name, "default"),
                        **({"env": SCALARS[f.name][0]} if f.name in SCALARS else {})}
+    out["keys"] = [{"name": k.name, "key": "***", "admin": k.admin, "max_priority": k.max_priority,
+                    "models": list(k.models), "max_queued": k.max_queued} for k in s.keys]
     for key in ("gates", "backends", "models"):
         out[key] = [{k: ("***" if k == "api_key" and v else v) for k, v in dataclasses.asdict(x).items()}
                     for x in getattr(s, key)]

@@ -60,6 +60,16 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class KeyConfig:
+    name: str
+    key: str = field(repr=False)
+    max_priority: int = 0            # the most urgent level this key may ask for (asking higher is clamped)
+    models: tuple[str, ...] = ()     # allowed model names/aliases; empty = all
+    max_queued: int | None = None    # this key's own queued requests beyond which it gets 429
+    admin: bool = False              # may use /admin/* and /metrics
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
     port: int = 5590
@@ -81,6 +91,7 @@ class Settings:
     cloud_concurrency: int = 4
     claude_bin: str = "claude"
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    keys: tuple[KeyConfig, ...] = field(default=(), repr=False)   # SLUICE_API_KEYS (admin) + [[keys]]
     allow_unauthenticated: bool = False
     log_prompts: bool = False
     gates: tuple[GateConfig, ...] = ()
@@ -313,6 +324,30 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
                                   f"(backends: {', '.join(sorted(backend_names)) or 'none'})")
 
 
+def _keys_table(doc: dict, env: Mapping[str, str], model_names: set[str]) -> tuple[KeyConfig, ...]:
+    out = []
+    parsers = {"max_priority": _int(0, 4), "models": _names, "max_queued": _int(1), "admin": _bool}
+    for where, t in _named_list(doc, "keys"):
+        extra = set(t) - {"name", "key", "key_env"} - set(parsers)
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown setting (known: key, key_env, {', '.join(parsers)})")
+        if ("key" in t) == ("key_env" in t):
+            raise ConfigError(f"{where}: give exactly one of key or key_env")
+        if "key_env" in t:
+            var = _get(f"{where}.key_env", t["key_env"], _str)
+            if not env.get(var):
+                raise ConfigError(f"{where}.key_env: environment variable {var} is not set")
+            key = env[var]
+        else:
+            key = _get(f"{where}.key", t["key"], _str)
+        values = {k: _get(f"{where}.{k}", t[k], p) for k, p in parsers.items() if k in t}
+        for m in values.get("models", ()):
+            if m not in model_names:
+                raise ConfigError(f"{where}.models: no model named {m!r}")
+        out.append(KeyConfig(name=t["name"], key=key, **values))
+    return tuple(out)
+
+
 def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Resolve the settings: defaults, then the TOML file (`path` or SLUICE_CONFIG), then the environment."""
     env = os.environ if environ is None else environ
@@ -326,7 +361,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"SLUICE_CONFIG: cannot read {str(path)!r}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    known_tables = {"server", "gates", "backends", "models"}
+    known_tables = {"server", "gates", "backends", "models", "keys"}
     for key in doc:
         if key not in known_tables:
             raise ConfigError(f"{key}: unknown table (known: {', '.join(sorted(known_tables))})")
@@ -346,5 +381,7 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
             values[key] = _get(var, env[var], parse)
             sources[key] = "env"
     gates, backends, models = _topology(doc, env, sources)
-    return Settings(**values, gates=gates, backends=backends, models=models,
+    keys = tuple(KeyConfig(name=f"key{i + 1}", key=k, admin=True) for i, k in enumerate(values.get("api_keys", ())))
+    keys += _keys_table(doc, env, {n for m in models for n in (m.name, *m.aliases)} | {CLOUD})
+    return Settings(**values, gates=gates, backends=backends, models=models, keys=keys,
                     config_path=Path(path) if path else None, sources=sources)

@@ -166,6 +166,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Protocol errors found by the stdlib parser (bad request line, too many headers) as JSON."""
         self.close_connection = True
+        self.extra_headers = {}
+        self.route_native = False
         self.request_id = getattr(self, "request_id", None) or new_id()
         err = errors.BadRequest(message or "bad request")
         err.status = code if 400 <= code < 500 else 400
@@ -180,6 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = rid if _SAFE_ID.fullmatch(rid) else new_id()
         path = self.path.split("?", 1)[0]
         self.route_native = path in self.server.routes.native_paths
+        self.extra_headers: dict[str, str] = {}
         try:
             if sum(len(k) + len(v) for k, v in self.headers.items()) > MAX_HEADER_BYTES:
                 raise errors.HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
@@ -237,7 +240,7 @@ class Handler(BaseHTTPRequestHandler):
         head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
                 f"X-Request-Id: {self.request_id}"]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        head += [f"{k}: {v}" for k, v in {**self.extra_headers, **(headers or {})}.items()]
         if self.close_connection:
             head.append("Connection: close")
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else body))
@@ -255,7 +258,7 @@ class Handler(BaseHTTPRequestHandler):
     def start_sse(self, headers: dict[str, str] | None = None) -> None:
         head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache",
                 "X-Accel-Buffering: no", "Transfer-Encoding: chunked", f"X-Request-Id: {self.request_id}"]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        head += [f"{k}: {v}" for k, v in {**self.extra_headers, **(headers or {})}.items()]
         self.write_raw(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
 
     def sse_chunk(self, data: bytes) -> None:
