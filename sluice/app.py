@@ -59,7 +59,7 @@ class App:
                        on_backend_refused=self._backend_refused, started=self.started)
         self.admin = Admin(self)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
-                             self.authorize, settings.client_timeout_s)
+                             self.authorize, settings.client_timeout_s, settings.max_connections)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
 

@@ -85,6 +85,7 @@ class Settings:
     sse_keepalive_s: float = 10.0
     health_interval_s: float = 2.0
     client_timeout_s: float = 30.0
+    max_connections: int = 512
     shutdown_timeout_s: float = 30.0
     cloud_model: str = "claude-sonnet-4-6"
     cloud_timeout_s: float = 300.0
@@ -207,6 +208,7 @@ SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "health_interval_s": ("SLUICE_HEALTH_INTERVAL_S", _float(0, positive=True)),
     "client_timeout_s": ("SLUICE_CLIENT_TIMEOUT_S", _float(0, positive=True)),
     "shutdown_timeout_s": ("SLUICE_SHUTDOWN_TIMEOUT_S", _float(0)),
+    "max_connections": ("SLUICE_MAX_CONNECTIONS", _int(1)),
     "cloud_model": ("SLUICE_CLOUD_MODEL", _str),
     "cloud_timeout_s": ("SLUICE_CLOUD_TIMEOUT", _float(0, positive=True)),
     "cloud_concurrency": ("SLUICE_CLOUD_CONCURRENCY", _int(1)),

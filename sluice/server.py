@@ -7,12 +7,14 @@ api.py and admin.py; this module only moves bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
@@ -25,6 +27,10 @@ log = logging.getLogger("sluice.server")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_HEADER_BYTES = 32 * 1024
 MAX_JSON_DEPTH = 64
+_BUSY_BODY = b'{"error":{"message":"too many connections to sluice; retry shortly","type":"overloaded_error",' \
+             b'"param":null,"code":"too_many_connections"}}'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,18 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.client_timeout_s)
+        # Reads go through a deadline: a client must deliver each request (head and body) within
+        # client_timeout_s of starting it, however slowly it trickles bytes (slowloris).
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile.close()
+        self.rfile = io.BufferedReader(self._reader, 65536)
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.server.client_timeout_s
+        try:
+            super().handle_one_request()
+        except TimeoutError:
+            self.close_connection = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -223,6 +241,7 @@ class Handler(BaseHTTPRequestHandler):
         data = self.rfile.read(n)
         if len(data) < n:
             raise ClientGone()
+        self._reader.deadline = None          # the request is in; answering may take as long as it takes
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
@@ -275,6 +294,25 @@ class Handler(BaseHTTPRequestHandler):
             raise ClientGone() from None
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's read side, refusing to wait past `deadline` in total (not per recv)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("client too slow")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buf)
+
+
 def _too_deep(data: bytes) -> bool:
     """Cheap pre-check so json.loads never recurses deeply (brackets inside strings only over-count)."""
     if data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH:
@@ -305,12 +343,39 @@ class Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 1024
 
-    def __init__(self, address, routes: Routes, authorize: Callable, client_timeout_s: float = 30.0):
+    def __init__(self, address, routes: Routes, authorize: Callable, client_timeout_s: float = 30.0,
+                 max_connections: int = 512):
         self.routes = routes
         self.authorize = authorize
         self.client_timeout_s = client_timeout_s
+        self.max_connections = max_connections
+        self.connections = 0
+        self._count_lock = threading.Lock()
         self.watcher = DisconnectWatcher()
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address) -> None:
+        """Beyond max_connections, answer 503 at once from the accept thread: no thread, no waiting."""
+        with self._count_lock:
+            full = self.connections >= self.max_connections
+            if not full:
+                self.connections += 1
+        if full:
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count_lock:
+                self.connections -= 1
 
     def server_close(self) -> None:
         super().server_close()

@@ -1,0 +1,56 @@
+"""Limits that keep sluice responsive: slow clients, connection floods, SIGTERM drain."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from conftest import call
+
+
+def test_slowloris_client_is_dropped_and_others_are_served(make_app, backend):
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
+                    "SLUICE_CLIENT_TIMEOUT_S": 0.5})
+    s = socket.create_connection(("127.0.0.1", app.port))
+    s.settimeout(5)
+    start = time.monotonic()
+    closed_at = None
+    head = b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 100
+    for i, byte in enumerate(head):         # one byte every 50 ms: each recv is quick, the request never ends
+        try:
+            s.sendall(bytes([byte]))
+            if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                closed_at = time.monotonic()
+                break
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed_at = time.monotonic()
+            break
+        if i == 3:
+            assert call(app, "GET", "/v1/health")[0] == 200     # everyone else is still served
+        time.sleep(0.05)                                          # the slow client's pace, not a wait
+    assert closed_at is not None, "the trickling client was never dropped"
+    assert closed_at - start < 2.0
+    assert call(app, "POST", "/v1/query", {"model": "fast", "prompt": "x"})[0] == 200
+
+
+def test_connection_cap_answers_503_at_once(make_app, backend):
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
+                    "SLUICE_MAX_CONNECTIONS": 2})
+    idle = [socket.create_connection(("127.0.0.1", app.port)) for _ in range(2)]
+    deadline = time.monotonic() + 5
+    while app.server.connections < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    s = socket.create_connection(("127.0.0.1", app.port))
+    s.settimeout(2)
+    data = s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 503") and b"too many connections" in data and b"Retry-After: 1" in data
+    for c in idle:
+        c.close()
+    deadline = time.monotonic() + 5
+    while app.server.connections > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert call(app, "GET", "/v1/health")[0] == 200
