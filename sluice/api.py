@@ -74,15 +74,19 @@ def _show(v: Any) -> str:
 class Api:
     def __init__(self, settings: Settings, scheduler: Scheduler, upstreams: dict[str, Upstream], cloud,
                  *, on_backend_refused: Callable[[str], None] | None = None, started: float | None = None):
-        self.settings = settings
         self.scheduler = scheduler
         self.upstreams = upstreams
         self.cloud = cloud
-        self.models = {n: m for m in settings.models for n in (m.name, *m.aliases)}
-        self.backends = {b.name: b for b in settings.backends}
+        self.reconfigure(settings)
         self._refused = on_backend_refused or (lambda name: None)
         self.started_wall = time.time()
         self.started = started if started is not None else time.monotonic()
+
+    def reconfigure(self, settings: Settings) -> None:
+        # One assignment per attribute: a request thread sees the old or the new mapping, never half.
+        self.models = {n: m for m in settings.models for n in (m.name, *m.aliases)}
+        self.backends = {b.name: b for b in settings.backends}
+        self.settings = settings
 
     def routes(self) -> list[Route]:
         return [

@@ -101,6 +101,27 @@ class App:
         for up in self.upstreams.values():
             up.close()
 
+    def reload(self, new: Settings) -> None:
+        """Apply a re-read config without dropping queued or in-flight work (SIGHUP).
+
+        Keys, limits, aliases and upstream model ids change in place. Gates, backends and which backends
+        serve which models shape the live queues, so changing those is refused: restart to apply them.
+        """
+        old = self.settings
+        topology = lambda s: (s.gates, s.backends, [(m.name, m.backends) for m in s.models], s.host, s.port)
+        if topology(new) != topology(old):
+            raise ConfigError("gates, backends, model names or the listen address changed; "
+                              "restart sluice to apply those (the running configuration is kept)")
+        if not is_loopback(new.host) and not new.keys and not new.allow_unauthenticated:
+            raise ConfigError("the new configuration has no API keys for a non-loopback address")
+        self.settings = new
+        self.api.reconfigure(new)
+        self.scheduler.max_queue_depth = new.max_queue_depth
+        self.scheduler.aging_s = new.aging_s
+        self.server.client_timeout_s = new.client_timeout_s
+        self.server.max_connections = new.max_connections
+        log.info("configuration reloaded (%d key(s), queue depth %d)", len(new.keys), new.max_queue_depth)
+
     def __enter__(self) -> "App":
         return self.start()
 

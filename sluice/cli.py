@@ -44,22 +44,37 @@ def serve(args, settings: Settings | None = None, ready: threading.Event | None 
     from sluice.app import App
     settings = settings or _settings(args)
     setup_logging(settings.log_dir, getattr(args, "verbose", False))
-    app = App(settings)
-    stop = threading.Event()
+    try:
+        app = App(settings)
+    except OSError as e:
+        print(f"sluice: cannot listen on {settings.host}:{settings.port}: {e.strerror}; "
+              "is another sluice running? (SLUICE_PORT picks another port)", file=sys.stderr)
+        return 1
+    wake = threading.Event()
+    pending: list[int] = []
 
-    def on_signal(signum, frame):  # only sets a flag; the main thread does the stopping
-        stop.set()
+    def on_signal(signum, frame):  # only records the signal; the main thread acts on it
+        pending.append(signum)
+        wake.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     app.start()
     print(f"sluice {__version__} listening on {app.url}", file=sys.stderr, flush=True)
     if ready is not None:
         ready.set()
-    while not stop.wait(3600):
-        pass
-    logging.getLogger("sluice").info("stopping: draining in-flight requests (up to %.0fs)",
-                                     settings.shutdown_timeout_s)
+    log = logging.getLogger("sluice")
+    while True:
+        wake.wait()
+        wake.clear()
+        signums, pending[:] = list(pending), []
+        if signal.SIGTERM in signums or signal.SIGINT in signums:
+            break
+        try:
+            app.reload(load(getattr(args, "config", None)))
+        except ConfigError as e:
+            log.error("reload rejected, keeping the running configuration: %s", e)
+    log.info("stopping: queued requests get 503, in-flight ones have up to %.0fs", settings.shutdown_timeout_s)
     app.stop()
     return 0
 

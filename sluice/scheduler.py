@@ -205,7 +205,7 @@ class Scheduler:
         self._work = threading.Condition(self._lock)   # a grant may have become possible
         self._idle = threading.Condition(self._lock)   # no job is in flight
         self._clock = clock
-        self._aging_s = aging_s
+        self.aging_s = aging_s
         self.max_queue_depth = max_queue_depth
         self._on_finish = on_finish
         self._gates = {g.name: Gate(g) for g in gates}
@@ -476,7 +476,7 @@ class Scheduler:
         return sum(len(q) for m in models for q in self._queues[m])
 
     def _effective(self, job: Job, now: float) -> int:
-        return max(0, job.priority - int((now - job.enqueued_at) / self._aging_s))
+        return max(0, job.priority - int((now - job.enqueued_at) / self.aging_s))
 
     def _best_locked(self, models, now: float) -> Job | None:
         """Each non-empty level nominates its fair next job; a level ranks by its most-aged job (each
