@@ -305,6 +305,8 @@ class Api:
             raise errors.BadRequest(f"model {CLOUD!r} serves /v1/chat/completions only", param="model")
         job = self.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream,
                            timeout_s=s.queue_timeout_s)
+        if s.log_prompts:
+            job.payload = body.get("messages", body.get("prompt", body.get("input")))
         if model != CLOUD:
             body["model"] = self.models[model].upstream_model
         sse = _SSE(h, job, self)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
+import logging.handlers
 import subprocess
 import threading
 import time
@@ -36,6 +38,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _requests_logger(log_dir) -> logging.Logger | None:
+    """requests.jsonl in SLUICE_LOG_DIR, one JSON object per finished job, rotated by size."""
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(log_dir / "requests.jsonl", maxBytes=20 << 20,
+                                                       backupCount=3)
+    except OSError as e:
+        log.warning("cannot write %s/requests.jsonl (%s); request log disabled", log_dir, e)
+        return None
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"sluice.requests.{id(handler)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return logger
+
+
 class App:
     def __init__(self, settings: Settings, environ=None):
         if not is_loopback(settings.host) and not settings.keys and not settings.allow_unauthenticated:
@@ -60,6 +79,7 @@ class App:
         self.admin = Admin(self)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s, settings.max_connections)
+        self._requests_log = _requests_logger(settings.log_dir)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
 
@@ -100,6 +120,9 @@ class App:
         self.server.server_close()
         for up in self.upstreams.values():
             up.close()
+        if self._requests_log is not None:
+            for h in self._requests_log.handlers:
+                h.close()
 
     def reload(self, new: Settings) -> None:
         """Apply a re-read config without dropping queued or in-flight work (SIGHUP).
@@ -182,7 +205,12 @@ class App:
                  (job.error.status if job.error else 200), "backend": job.backend,
                  "wait_ms": round(job.wait_s * 1000, 2), "service_ms": round(service_ms, 2),
                  "ttfb_ms": round(ttfb_ms, 2) if ttfb_ms is not None else None, "usage": job.usage}
+        entry["client"] = job.client
+        if self.settings.log_prompts and job.payload is not None:
+            entry["prompt"] = job.payload
         self.recent.append(entry)
+        if self._requests_log is not None:
+            self._requests_log.info(json.dumps(entry, separators=(",", ":")))
         log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
                  job.id, job.route, job.model, job.priority, entry["wait_ms"], service_ms, entry["outcome"],
                  entry["status"], f" error={job.error.message!r}" if job.error and job.outcome.value != "ok" else "")

@@ -1,0 +1,1155 @@
+"""Backend process lifecycle: start, probe, restart, sleep/wake, idle unload, stop; and the orphan registry.
+
+One `ManagedBackend` per process sluice runs. It is the one writer of its state: every transition happens
+inside its own methods, decided under its own lock (`_cond`), with the rule that a read which gates a
+mutation is made under the same lock hold as the mutation. Operations that take seconds (spawning and
+waiting for readiness, terminating, vLLM sleep/wake calls) run outside the lock, by the one *owner* of
+the transition: the thread that claimed it. `_owner` is a fresh token per operation; `stop()` may
+preempt any other owner (it takes the token over, and the old owner, seeing it no longer owns the
+transition, quits without touching anything). Every settled transition wakes all waiters.
+
+States (typed, with an explicit table of allowed transitions):
+
+    STOPPED -> STARTING -> READY <-> SLEEPING
+       ^          |          |          |
+       +------ STOPPING <----+----------+         FAILED (sticky until start() or stop())
+
+`STARTING` covers everything between "asked for" and "ready": spawning, readiness probes, the backoff
+between failed attempts, a restart of a crashed or wedged process, and waking from sleep.
+
+Timing: the injected `clock` drives every decision that depends on time (start timeout, backoff, probe
+schedule, idle unload, uptime), so tests can move it. Waiting for real things (a process to exit, a
+caller's own timeout) uses Condition/Popen waits with real deadlines, never a bare sleep.
+
+Lock contract: `_cond` guards every `_`-field of a ManagedBackend. Nothing that blocks (HTTP, process
+waits, on_change callbacks, is_busy callbacks) runs under it. The registry has its own lock and is only
+ever taken after `_cond`, never before.
+"""
+
+from __future__ import annotations
+
+import enum
+import http.client
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping, Sequence
+
+from sluice import errors
+
+log = logging.getLogger("sluice.supervisor")
+
+SLEEP_METHODS = ("none", "stop", "vllm-sleep-1", "vllm-sleep-2")
+START_MODES = ("lazy", "eager")
+_LOG_ROTATE_BYTES = 20 << 20
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    SLEEPING = "sleeping"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+ALLOWED: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
+    State.READY: frozenset({State.STARTING, State.SLEEPING, State.STOPPING, State.FAILED}),
+    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
+    State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
+}
+
+
+# ---- engines and argv ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Engine:
+    command: str                       # template, split with shlex BEFORE {model}/{host}/{port} are filled
+    health_path: str = "/health"
+    sleep_method: str = "stop"
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+ENGINES: dict[str, Engine] = {
+    "mlx-lm": Engine("mlx_lm.server --model {model} --host {host} --port {port}"),
+    "llama.cpp": Engine("llama-server -m {model} --host {host} --port {port}"),
+    "vllm": Engine("vllm serve {model} --host {host} --port {port} --enable-sleep-mode",
+                   sleep_method="vllm-sleep-1", env={"VLLM_SERVER_DEV_MODE": "1"}),
+}
+
+_PLACEHOLDER = re.compile(r"\{(model|host|port)\}")
+
+
+def build_argv(command: str | Sequence[str] | None, engine: str | None, model: str, port: int,
+               host: str = "127.0.0.1") -> tuple[str, ...]:
+    """The argv to exec: `command` (a string is shlex-split) or the engine's template, with `{model}`,
+    `{host}` and `{port}` filled in each argument AFTER splitting, in one pass (a value is never re-scanned
+    for placeholders, never split, never given to a shell). A model that would begin an argument with `-`
+    is refused: it would be read as an option (write `./-name` for such a relative path)."""
+    if command is None:
+        if engine is None:
+            raise ValueError("a backend process needs a command or an engine "
+                             f"(one of {', '.join(sorted(ENGINES))})")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(sorted(ENGINES))}")
+        command = ENGINES[engine].command
+    tokens = shlex.split(command) if isinstance(command, str) else [str(t) for t in command]
+    if not tokens:
+        raise ValueError("empty command")
+    values = {"model": str(model), "host": str(host), "port": str(int(port))}
+    out = []
+    for tok in tokens:
+        if "{model}" in tok:
+            if not values["model"]:
+                raise ValueError("the command uses {model} but the model is empty")
+            if "\0" in values["model"]:
+                raise ValueError("model contains a NUL character")
+            if tok.startswith("{model}") and values["model"].startswith("-"):
+                raise ValueError(f"model {values['model']!r} starts with '-' and would be read as an option; "
+                                 f"write './{values['model']}' for a relative path")
+        out.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], tok))
+    return tuple(out)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on `host` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def total_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def ram_tier_idle_s(total_bytes: int | None = None) -> float:
+    """Idle-unload default by installed RAM (the mlx-inference-server tiers): >= 64 GB: 600 s, 24-63 GB:
+    300 s, below (or unknown): 180 s. GB are decimal, so a machine sold as 64 GB still counts as 64 after
+    the kernel keeps its share."""
+    if total_bytes is None:
+        total_bytes = total_memory_bytes()
+    if not total_bytes:
+        return 180.0
+    gb = total_bytes / 1e9
+    return 600.0 if gb >= 64 else 300.0 if gb >= 24 else 180.0
+
+
+# ---- the spec ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcessSpec:
+    """Everything needed to run, probe, restart, sleep and stop one backend process."""
+    name: str
+    argv: tuple[str, ...]
+    port: int
+    env: Mapping[str, str] = field(default_factory=dict)   # added to (overriding) sluice's own environment
+    host: str = "127.0.0.1"
+    health_path: str = "/health"
+    start: str = "lazy"                  # lazy: on first ensure_ready; eager: when the Supervisor starts
+    start_timeout_s: float = 120.0       # spawn -> healthy; past it: killed, FAILED (no retry)
+    stop_timeout_s: float = 10.0         # SIGTERM -> SIGKILL
+    start_retries: int = 3               # consecutive failures (early exits, crashes, wedges) before FAILED
+    backoff_s: float = 1.0               # delay before retry n: backoff_s * 2**(n-1), at most backoff_max_s
+    backoff_max_s: float = 30.0
+    stable_s: float = 60.0               # READY this long resets the consecutive-failure count
+    unhealthy_after: int = 3             # consecutive failed probes of a READY process -> restart
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 5.0
+    idle_unload_s: float | None = None   # None: never; else sleep() after this long with nothing in flight
+    sleep_method: str = "stop"           # none | stop | vllm-sleep-1 | vllm-sleep-2
+    sleep_timeout_s: float = 120.0       # each vLLM /sleep, /wake_up, ... call
+    log_path: Path | None = None         # child stdout+stderr, appended; None: discarded
+    cwd: Path | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+        if self.log_path is not None:
+            object.__setattr__(self, "log_path", Path(self.log_path))
+        where = f"backends.{self.name}"
+        if not self.argv:
+            raise ValueError(f"{where}.command: empty")
+        if not 0 < int(self.port) < 65536:
+            raise ValueError(f"{where}.port: must be 1..65535, got {self.port!r}")
+        if self.sleep_method not in SLEEP_METHODS:
+            raise ValueError(f"{where}.sleep: must be one of {', '.join(SLEEP_METHODS)}, got {self.sleep_method!r}")
+        if self.start not in START_MODES:
+            raise ValueError(f"{where}.start: must be lazy or eager, got {self.start!r}")
+        if not self.health_path.startswith("/"):
+            raise ValueError(f"{where}.health_path: must start with '/', got {self.health_path!r}")
+        for k in ("start_timeout_s", "stop_timeout_s", "probe_interval_s", "probe_timeout_s", "sleep_timeout_s"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{where}.{k}: must be > 0, got {getattr(self, k)!r}")
+        if self.start_retries < 0 or self.unhealthy_after < 1:
+            raise ValueError(f"{where}: start_retries must be >= 0 and unhealthy_after >= 1")
+        if self.idle_unload_s is not None and not self.idle_unload_s > 0:
+            raise ValueError(f"{where}.idle_unload_s: must be > 0, got {self.idle_unload_s!r}")
+
+    def backoff(self, failures: int) -> float:
+        """Delay before the retry that follows the `failures`-th consecutive failure (1, 2, ...)."""
+        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failures - 1))
+
+
+def spec_for(name: str, *, model: str = "", engine: str | None = None,
+             command: str | Sequence[str] | None = None, port: int | None = None, host: str = "127.0.0.1",
+             log_dir: Path | None = None, env: Mapping[str, str] | None = None, **overrides) -> ProcessSpec:
+    """A ProcessSpec from config-level inputs: the engine preset supplies argv template, health path,
+    sleep method and env; `command` replaces the template; `overrides` set any other ProcessSpec field."""
+    preset = ENGINES.get(engine) if engine else None
+    if engine and preset is None:
+        raise ValueError(f"backends.{name}.engine: unknown engine {engine!r}; expected one of "
+                         f"{', '.join(sorted(ENGINES))}")
+    port = free_port(host) if port is None else port
+    kw: dict = {"health_path": preset.health_path if preset else "/health",
+                "sleep_method": preset.sleep_method if preset else "stop"}
+    if log_dir is not None:
+        kw["log_path"] = Path(log_dir) / f"{name}.log"
+    kw.update(overrides)
+    return ProcessSpec(name=name, argv=build_argv(command, engine, model, port, host), port=port, host=host,
+                       env={**(preset.env if preset else {}), **(env or {})}, **kw)
+
+
+# ---- process identity (for the registry) ---------------------------------------------------------------
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start_time(pid: int) -> str | None:
+    """An opaque string that identifies when `pid` started (None: no such live process). With the pid it
+    names one process for the life of the machine: a recycled pid has a different start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        stat = None
+    except OSError:
+        return None
+    if stat is not None:
+        rest = stat[stat.rfind(")") + 2:].split()
+        if not rest or rest[0] in ("Z", "X"):   # zombie or dead: gone for our purposes
+            return None
+        return f"{_boot_id()}:{rest[19]}"
+    try:
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(int(pid))], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def process_argv(pid: int) -> tuple[str, ...] | None:
+    """The command line `pid` runs now (on systems without /proc: one element, ps's space-joined line)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return tuple(a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]) or None
+    except FileNotFoundError:
+        if Path("/proc/self/cmdline").exists():
+            return None
+    except OSError:
+        return None
+    try:
+        out = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(int(pid))], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip(),) if out.stdout.strip() else None
+
+
+def is_same_process(pid: int, start_time: str | None, argv: Sequence[str] | None) -> bool:
+    """True only when `pid` is alive, started at `start_time` and runs `argv`: safe to signal."""
+    if not pid or pid <= 1 or not start_time or pid == os.getpid():
+        return False
+    if process_start_time(pid) != start_time:
+        return False
+    if argv is None:
+        return True
+    now = process_argv(pid)
+    if now is None:
+        return False
+    return tuple(now) == tuple(argv) or (len(now) == 1 and now[0] == " ".join(argv))
+
+
+# ---- the registry ------------------------------------------------------------------------------------------
+class Registry:
+    """This sluice's children, on disk: `state_dir/processes-<pid>-<nonce>.json`, rewritten atomically
+    (temp file + os.replace) on every spawn and exit. One file per sluice instance, so instances sharing a
+    state_dir never mistake each other's children for orphans."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / f"processes-{os.getpid()}-{secrets.token_hex(4)}.json"
+        self._lock = threading.Lock()
+        self._children: dict[str, dict] = {}
+        self._owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+                       "argv": list(process_argv(os.getpid()) or ())}
+
+    def record(self, name: str, proc: subprocess.Popen, argv: Sequence[str], stop_timeout_s: float) -> None:
+        entry = {"name": name, "pid": proc.pid, "pgid": proc.pid, "start_time": process_start_time(proc.pid),
+                 "argv": list(argv), "stop_timeout_s": stop_timeout_s, "started_at": time.time()}
+        with self._lock:
+            self._children[name] = entry
+            self._write()
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            if self._children.pop(name, None) is not None:
+                self._write()
+
+    def write(self) -> None:
+        with self._lock:
+            self._write()
+
+    def close(self) -> None:
+        """Remove our file (after a clean stop: no child of ours is left)."""
+        with self._lock:
+            if self._children:
+                self._write()
+                return
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _write(self) -> None:
+        data = {"version": 1, "owner": self._owner, "children": list(self._children.values())}
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".processes-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(data, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        except OSError as e:
+            log.warning("cannot write process registry %s: %s", self.path, e)
+
+
+def cleanup_orphans(state_dir: Path, *, max_wait_s: float = 10.0) -> list[dict]:
+    """Stop children left by a sluice that died: for every registry file in `state_dir` whose owner is
+    gone, each child that is verifiably the same process (pid + start time + argv) gets SIGTERM to its
+    process group, then SIGKILL after its stop timeout. A pid now used by another process is left alone.
+    Returns the entries that were signalled."""
+    state_dir = Path(state_dir)
+    victims: list[dict] = []
+    for path in sorted(state_dir.glob("processes-*.json")):
+        try:
+            data = json.loads(path.read_text())
+            owner = data.get("owner") or {}
+            children = list(data.get("children") or [])
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("ignoring unreadable process registry %s: %s", path, e)
+            continue
+        if is_same_process(int(owner.get("pid") or 0), owner.get("start_time"), None) or \
+                (owner.get("pid") == os.getpid() and owner.get("start_time") == process_start_time(os.getpid())):
+            continue   # its sluice is alive (another instance, or an earlier Supervisor in this process)
+        for c in children:
+            try:
+                pid, start, argv = int(c["pid"]), c.get("start_time"), tuple(c["argv"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if is_same_process(pid, start, argv):
+                victims.append(c)
+            else:
+                log.info("registry %s: pid %s is no longer %s's process; left alone", path.name, pid,
+                         c.get("name"))
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    if not victims:
+        return []
+
+    def signal_all(sig: int, entries: list[dict]) -> None:
+        for c in entries:
+            if not is_same_process(int(c["pid"]), c.get("start_time"), tuple(c["argv"])):
+                continue   # verified again right before every signal: the pid may have been recycled
+            pgid = int(c.get("pgid") or 0)
+            try:
+                if pgid and pgid == os.getpgid(int(c["pid"])):
+                    os.killpg(pgid, sig)
+                else:
+                    os.kill(int(c["pid"]), sig)
+            except (ProcessLookupError, PermissionError) as e:
+                log.info("orphan %s (pid %s): %s", c.get("name"), c["pid"], e)
+
+    for c in victims:
+        log.warning("stopping orphan backend %s (pid %s) left by a previous sluice: %s", c.get("name"),
+                    c["pid"], shlex.join(c["argv"]))
+    signal_all(signal.SIGTERM, victims)
+    wait_s = min(max_wait_s, max(float(c.get("stop_timeout_s") or 10.0) for c in victims))
+    deadline = time.monotonic() + wait_s
+    alive = victims
+    pause = threading.Event()
+    while alive and time.monotonic() < deadline:
+        pause.wait(0.05)
+        alive = [c for c in alive if process_start_time(int(c["pid"])) == c.get("start_time")]
+    if alive:
+        signal_all(signal.SIGKILL, alive)
+    return victims
+
+
+# ---- one managed process ---------------------------------------------------------------------------------
+def _http(host: str, port: int, method: str, path: str, body=None, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read(1 << 16)
+    finally:
+        conn.close()
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+class ManagedBackend:
+    """One backend process. See the module docstring for the ownership and lock rules."""
+
+    def __init__(self, spec: ProcessSpec, *, clock: Callable[[], float] = time.monotonic,
+                 registry: Registry | None = None,
+                 on_change: Callable[[str, State, State], None] | None = None,
+                 is_busy: Callable[[], bool] | None = None):
+        self.spec = spec
+        self.name = spec.name
+        self._clock = clock
+        self._registry = registry
+        self._on_change = on_change
+        self._is_busy = is_busy
+        self._cond = threading.Condition()     # guards everything below; predicate: "state settled"
+        self._state = State.STOPPED
+        self._owner: object | None = None      # token of the operation that owns the current transition
+        self._op: str | None = None            # its name: start | restart | wake | sleep | stop | unload
+        self._proc: subprocess.Popen | None = None
+        self._spawned_at: float | None = None
+        self._ready_since: float | None = None
+        self._last_used: float = clock()
+        self._inflight = 0
+        self._failures = 0                     # consecutive
+        self._unhealthy = 0                    # consecutive failed probes
+        self._next_probe = 0.0
+        self._gen = 0                          # bumped on every spawn: stale probe results are dropped
+        self._closed = False
+        self.restarts = 0
+        self.spawns = 0
+        self.last_error: str | None = None
+        self.last_exit: int | None = None
+        self._changes: deque[tuple[State, State]] = deque()
+        self._flush_lock = threading.Lock()
+
+    # ---- read-only views (lock-free reads of single attributes are atomic) -----------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def info(self) -> dict:
+        with self._cond:
+            proc = self._proc
+            alive = proc is not None and proc.returncode is None
+            return {"name": self.name, "state": self._state.value, "pid": proc.pid if alive else None,
+                    "port": self.spec.port,
+                    "uptime_s": round(self._clock() - self._spawned_at, 3) if alive and self._spawned_at else None,
+                    "restarts": self.restarts, "spawns": self.spawns, "last_error": self.last_error,
+                    "last_exit": self.last_exit, "inflight": self._inflight, "op": self._op,
+                    "sleep_method": self.spec.sleep_method}
+
+    def wait_for(self, states: State | Sequence[State], timeout: float) -> bool:
+        """Wait (real time) until the state is one of `states` and no transition is under way."""
+        wanted = {states} if isinstance(states, State) else set(states)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not (self._state in wanted and self._owner is None):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    # ---- the public operations ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin starting (or waking) without waiting; clears FAILED. For eager start and admin `load`."""
+        with self._cond:
+            if self._closed or self._owner is not None:
+                return
+            if self._state in (State.STOPPED, State.FAILED):
+                self._failures = 0
+                self._begin_start_locked("start")
+            elif self._state is State.SLEEPING:
+                self._begin_wake_locked()
+        self._flush()
+
+    def ensure_ready(self, timeout: float) -> None:
+        """Return once READY, starting it if STOPPED and waking it if SLEEPING. Concurrent callers share one
+        start. Raises errors.Unavailable at once when FAILED, when the start fails, or after `timeout` s."""
+        self._acquire(timeout, busy=False)
+
+    def acquire(self, timeout: float) -> None:
+        """ensure_ready and mark_busy in one step: no idle unload can slip in between. Pair with release()."""
+        self._acquire(timeout, busy=True)
+
+    def release(self) -> None:
+        self.mark_idle()
+
+    @contextmanager
+    def use(self, timeout: float) -> Iterator["ManagedBackend"]:
+        """`with backend.use(30): forward(...)`: READY and counted busy for the block."""
+        self.acquire(timeout)
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def mark_busy(self) -> None:
+        with self._cond:
+            self._inflight += 1
+
+    def mark_idle(self) -> None:
+        with self._cond:
+            self._inflight = max(0, self._inflight - 1)
+            self._last_used = self._clock()
+
+    def wake(self, timeout: float | None = None) -> None:
+        """Wake a SLEEPING backend (start a stopped one); blocks until READY."""
+        self.ensure_ready(self.spec.start_timeout_s if timeout is None else timeout)
+
+    def sleep(self, timeout: float | None = None) -> State:
+        """Free the GPU: vLLM sleep (level 1 or 2), or stop for `stop` engines; `none` keeps it running.
+        A failed sleep escalates to stop. Blocks until settled; returns the state it settled in."""
+        deadline = time.monotonic() + (self.spec.start_timeout_s if timeout is None else timeout)
+        with self._cond:
+            if not self._wait_unowned_locked(deadline):
+                return self._state
+            if self._state is not State.READY or self.spec.sleep_method == "none":
+                return self._state
+            if self.spec.sleep_method == "stop":
+                token = self._claim_locked("sleep", State.STOPPING)
+                proc = self._proc
+            else:
+                token = self._claim_locked("sleep", State.SLEEPING)
+                proc = None
+        self._flush()
+        if self.spec.sleep_method == "stop":
+            self._run_stop(token, proc, State.STOPPED)
+        else:
+            self._run_sleep(token)
+        return self._state
+
+    def stop(self) -> None:
+        """SIGTERM to the process group, SIGKILL after stop_timeout_s; blocks until STOPPED. Preempts a
+        start, restart, sleep or wake in progress. From FAILED it resets to STOPPED."""
+        with self._cond:
+            while self._op == "stop" and self._owner is not None:
+                self._cond.wait()          # another stop is doing exactly this: wait for it
+            if self._state is State.STOPPED:
+                return
+            token = self._claim_locked("stop", State.STOPPING)
+            proc = self._proc
+        self._flush()
+        self._run_stop(token, proc, State.STOPPED)
+
+    def close(self) -> None:
+        """Stop, and refuse every later start (sluice is shutting down)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.stop()
+
+    def check(self) -> None:
+        """One monitor tick: notice an exit, probe health when due, restart a crashed or wedged process
+        (with backoff), unload after idle_unload_s with nothing in flight. Never blocks long: restarts and
+        unloads run in their own thread; a probe waits at most probe_timeout_s."""
+        try:
+            with self._cond:
+                action, gen, busy = self._check_locked()
+            if action == "ask":   # the external is_busy veto: asked outside our lock, decision re-made under it
+                try:
+                    external = bool(self._is_busy())
+                except Exception:
+                    log.exception("is_busy callback for %s failed; treating as busy", self.name)
+                    external = True
+                with self._cond:
+                    if not external and self._idle_due_locked() and self._gen == gen:
+                        self._begin_unload_locked()
+                        return
+                    action = "probe" if self._clock() >= self._next_probe else None
+            if action == "probe":
+                self._check_health(gen, busy)
+        finally:
+            self._flush()
+
+    def _idle_due_locked(self) -> bool:
+        spec = self.spec
+        return (self._owner is None and self._state is State.READY and not self._closed
+                and spec.idle_unload_s is not None and spec.sleep_method != "none"
+                and self._inflight == 0 and self._clock() - self._last_used >= spec.idle_unload_s)
+
+    def _check_locked(self) -> tuple[str | None, int, bool]:
+        """The decisions of one tick that need no I/O; returns what is left to do outside the lock."""
+        if self._owner is not None or self._closed:
+            return None, self._gen, False
+        if self._state is State.SLEEPING:
+            rc = self._proc.poll() if self._proc is not None else -1
+            if rc is not None:
+                self._proc_gone_locked(rc)
+                self.last_error = f"{_describe_exit(rc)} while sleeping"
+                self._set_state_locked(State.STOPPED)
+            return None, self._gen, False
+        if self._state is not State.READY:
+            return None, self._gen, False
+        rc = self._proc.poll() if self._proc is not None else -1
+        if rc is not None:
+            self._begin_restart_locked(_describe_exit(rc))
+            return None, self._gen, False
+        now = self._clock()
+        if self._failures and self._ready_since is not None and now - self._ready_since >= self.spec.stable_s:
+            self._failures = 0
+        if self._idle_due_locked():
+            if self._is_busy is None:
+                self._begin_unload_locked()
+                return None, self._gen, False
+            return "ask", self._gen, False
+        if now >= self._next_probe:
+            return "probe", self._gen, self._inflight > 0
+        return None, self._gen, False
+
+    def _check_health(self, gen: int, busy: bool) -> None:
+        spec = self.spec
+        ok, why, timed_out = self._probe(spec.probe_timeout_s)
+        with self._cond:
+            if self._gen != gen or self._state is not State.READY or self._owner is not None:
+                return     # something else happened meanwhile: this result is stale
+            self._next_probe = self._clock() + spec.probe_interval_s
+            if ok:
+                self._unhealthy = 0
+            elif timed_out and (busy or self._inflight):
+                log.info("backend %s: health probe timed out while busy; not counted", self.name)
+            else:
+                self._unhealthy += 1
+                log.warning("backend %s: health probe failed (%d/%d): %s", self.name, self._unhealthy,
+                            spec.unhealthy_after, why)
+                if self._unhealthy >= spec.unhealthy_after:
+                    self._begin_restart_locked(f"unhealthy: {spec.unhealthy_after} consecutive failed probes "
+                                               f"of {spec.health_path} (last: {why})")
+
+    # ---- internals: transitions (all *_locked run under self._cond) --------------------------------------
+    def _set_state_locked(self, new: State) -> None:
+        old = self._state
+        if new is old:
+            return
+        if new not in ALLOWED[old]:
+            raise RuntimeError(f"backend {self.name}: illegal transition {old.value} -> {new.value}")
+        self._state = new
+        self._changes.append((old, new))
+        log.info("backend %s: %s -> %s%s", self.name, old.value, new.value,
+                 f" ({self.last_error})" if new in (State.FAILED,) and self.last_error else "")
+        self._cond.notify_all()
+
+    def _claim_locked(self, op: str, state: State) -> object:
+        token = object()
+        self._owner, self._op = token, op
+        self._set_state_locked(state)
+        self._cond.notify_all()
+        return token
+
+    def _settle_locked(self, token: object, state: State) -> bool:
+        if self._owner is not token:
+            return False
+        self._owner = self._op = None
+        self._set_state_locked(state)
+        self._cond.notify_all()     # also when the state did not change: "settled" is what waiters wait for
+        return True
+
+    def _wait_unowned_locked(self, deadline: float) -> bool:
+        while self._owner is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return True
+
+    def _thread(self, target, *args) -> None:
+        threading.Thread(target=target, args=args, name=f"sluice-{self.name}-{self._op}", daemon=True).start()
+
+    def _begin_start_locked(self, op: str) -> None:
+        token = self._claim_locked(op, State.STARTING)
+        self._thread(self._run_start, token, 0.0, None, False)
+
+    def _begin_wake_locked(self) -> None:
+        token = self._claim_locked("wake", State.STARTING)
+        self._thread(self._run_wake, token)
+
+    def _begin_unload_locked(self) -> None:
+        log.info("backend %s: idle for %.0fs, unloading (%s)", self.name, self._clock() - self._last_used,
+                 self.spec.sleep_method)
+        if self.spec.sleep_method == "stop":
+            token = self._claim_locked("unload", State.STOPPING)
+            self._thread(self._run_stop, token, self._proc, State.STOPPED)
+        else:
+            token = self._claim_locked("unload", State.SLEEPING)
+            self._thread(self._run_sleep, token)
+
+    def _begin_restart_locked(self, reason: str) -> None:
+        """A READY process crashed or wedged: restart with backoff, or FAILED when retries are spent."""
+        self.last_error = reason
+        self._failures += 1
+        old = self._proc
+        if self._failures > self.spec.start_retries:
+            self.last_error = f"{reason}; gave up after {self.spec.start_retries} restart(s)"
+            log.error("backend %s: %s", self.name, self.last_error)
+            if old is not None and old.poll() is None:
+                token = self._claim_locked("restart", State.STOPPING)
+                self._thread(self._run_stop, token, old, State.FAILED)
+            else:
+                self._proc_gone_locked(old.returncode if old is not None else None)
+                self._set_state_locked(State.FAILED)
+            return
+        delay = self.spec.backoff(self._failures)
+        log.warning("backend %s: %s; restarting in %.2fs (failure %d of at most %d)", self.name, reason, delay,
+                    self._failures, self.spec.start_retries)
+        token = self._claim_locked("restart", State.STARTING)
+        self._thread(self._run_start, token, delay, old, True)
+
+    def _proc_gone_locked(self, rc: int | None) -> None:
+        self._proc = None
+        self._spawned_at = self._ready_since = None
+        if rc is not None:
+            self.last_exit = rc
+        if self._registry is not None:
+            self._registry.forget(self.name)
+
+    def _spawn_locked(self) -> subprocess.Popen:
+        spec = self.spec
+        env = {**os.environ, **spec.env}
+        out = subprocess.DEVNULL
+        logf = None
+        if spec.log_path is not None:
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                if spec.log_path.stat().st_size > _LOG_ROTATE_BYTES:
+                    os.replace(spec.log_path, spec.log_path.with_name(spec.log_path.name + ".1"))
+            except FileNotFoundError:
+                pass
+            logf = out = open(spec.log_path, "ab")
+            logf.write(f"\n=== sluice {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: "
+                       f"{shlex.join(spec.argv)}\n".encode())
+            logf.flush()
+        try:
+            proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=spec.cwd, start_new_session=True, close_fds=True)
+        finally:
+            if logf is not None:
+                logf.close()
+        self._proc = proc
+        self._gen += 1
+        self.spawns += 1
+        self._spawned_at = self._clock()
+        self._ready_since = None
+        if self._registry is not None:
+            self._registry.record(self.name, proc, spec.argv, spec.stop_timeout_s)
+        log.info("backend %s: spawned pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
+        return proc
+
+    # ---- internals: the owners' work (outside the lock) --------------------------------------------------
+    def _owns(self, token: object) -> bool:
+        return self._owner is token
+
+    def _run_start(self, token: object, delay: float, old: subprocess.Popen | None, restart: bool) -> None:
+        """Owner of a STARTING phase: kill `old`, wait `delay`, spawn, wait for health; retry early exits
+        with backoff up to start_retries; READY or FAILED at the end (unless preempted by stop)."""
+        spec = self.spec
+        try:
+            if old is not None:
+                self._terminate(old)
+                with self._cond:
+                    if not self._owns(token):
+                        return
+                    if self._proc is old:
+                        self._proc_gone_locked(old.returncode)
+            while True:
+                with self._cond:
+                    if delay > 0:
+                        until = self._clock() + delay
+                        while self._owns(token) and self._clock() < until and not self._closed:
+                            self._cond.wait(min(0.05, max(0.001, until - self._clock())))
+                    if not self._owns(token):
+                        return
+                    if self._closed:
+                        self.last_error = "sluice is shutting down"
+                        self._settle_locked(token, State.FAILED)
+                        return
+                    if restart:
+                        self.restarts += 1
+                    restart = True     # every later spawn by this owner is a retry
+                    try:
+                        proc = self._spawn_locked()
+                    except OSError as e:   # recorded, not raised; retrying a missing binary is pointless
+                        self.last_error = f"cannot run {spec.argv[0]!r}: {e}"
+                        self._settle_locked(token, State.FAILED)
+                        return
+                failure, timed_out = self._await_ready(token, proc)
+                if failure is None:
+                    with self._cond:
+                        if self._owns(token):
+                            now = self._clock()
+                            self._ready_since = self._last_used = now
+                            self._next_probe = now + spec.probe_interval_s
+                            self._unhealthy = 0
+                            self._settle_locked(token, State.READY)
+                    return
+                if not self._owns(token):
+                    return
+                self._terminate(proc)
+                with self._cond:
+                    if not self._owns(token):
+                        return
+                    if self._proc is proc:
+                        self._proc_gone_locked(proc.returncode)
+                    self._failures += 1
+                    self.last_error = failure
+                    if timed_out or self._failures > spec.start_retries:
+                        if not timed_out:
+                            self.last_error = f"{failure}; gave up after {self._failures} failed attempt(s)"
+                        self._settle_locked(token, State.FAILED)
+                        return
+                    delay = spec.backoff(self._failures)
+                    old = None
+                    log.warning("backend %s: %s; retrying in %.2fs", self.name, failure, delay)
+        finally:
+            self._flush()
+
+    def _await_ready(self, token: object, proc: subprocess.Popen) -> tuple[str | None, bool]:
+        """(None, False) once healthy; else (why, timed_out). An exit is seen within one short wait."""
+        spec = self.spec
+        t0 = self._clock()
+        step = 0.02
+        while True:
+            rc = proc.poll()
+            if rc is not None:
+                return f"{_describe_exit(rc)} during start (see {spec.log_path or 'its output'})", False
+            if not self._owns(token):
+                return "preempted", False
+            ok, _, _ = self._probe(min(1.0, spec.probe_timeout_s))
+            if ok:
+                return None, False
+            if self._clock() - t0 >= spec.start_timeout_s:
+                return f"not ready within start_timeout_s={spec.start_timeout_s:g}s", True
+            try:
+                proc.wait(step)
+            except subprocess.TimeoutExpired:
+                pass
+            step = min(step * 1.5, 0.25)
+
+    def _probe(self, timeout: float) -> tuple[bool, str, bool]:
+        try:
+            status, _ = _http(self.spec.host, self.spec.port, "GET", self.spec.health_path, timeout=timeout)
+        except (socket.timeout, TimeoutError) as e:
+            return False, f"timed out: {e}", True
+        except (OSError, http.client.HTTPException) as e:
+            return False, f"{type(e).__name__}: {e}", False
+        return status == 200, f"HTTP {status}", False
+
+    def _terminate(self, proc: subprocess.Popen | None) -> None:
+        """SIGTERM the process group, SIGKILL it after stop_timeout_s; stragglers in the group included."""
+        if proc is None:
+            return
+        pgid = proc.pid      # start_new_session=True: the child leads its own group
+        deadline = time.monotonic() + self.spec.stop_timeout_s
+        if proc.poll() is None:
+            self._killpg(pgid, signal.SIGTERM)
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("backend %s: pid %d ignored SIGTERM for %.1fs; SIGKILL", self.name, proc.pid,
+                        self.spec.stop_timeout_s)
+            self._killpg(pgid, signal.SIGKILL)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("backend %s: pid %d survived SIGKILL", self.name, proc.pid)
+        pause = threading.Event()
+        while self._group_alive(pgid) and time.monotonic() < deadline:
+            pause.wait(0.05)
+        if self._group_alive(pgid):
+            self._killpg(pgid, signal.SIGKILL)
+
+    @staticmethod
+    def _killpg(pgid: int, sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    @staticmethod
+    def _group_alive(pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def _run_stop(self, token: object, proc: subprocess.Popen | None, final: State) -> None:
+        try:
+            self._terminate(proc)
+            with self._cond:
+                if not self._owns(token):
+                    return
+                if proc is not None and self._proc is proc:
+                    self._proc_gone_locked(proc.returncode)
+                elif proc is None and self._proc is not None:
+                    self._proc_gone_locked(None)
+                self._settle_locked(token, final)
+        finally:
+            self._flush()
+
+    def _control(self, method: str, path: str, body=None) -> None:
+        status, data = _http(self.spec.host, self.spec.port, method, path, body, timeout=self.spec.sleep_timeout_s)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"{method} {path} answered HTTP {status}: {data[:200]!r}")
+
+    def _run_sleep(self, token: object) -> None:
+        """Owner of READY -> SLEEPING (state already SLEEPING): POST /sleep?level=N; on failure, stop."""
+        level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
+        try:
+            try:
+                self._control("POST", f"/sleep?level={level}")
+            except (OSError, http.client.HTTPException, RuntimeError) as e:
+                with self._cond:
+                    if not self._owns(token):
+                        return
+                    self.last_error = f"sleep failed ({e}); stopped instead"
+                    log.warning("backend %s: %s", self.name, self.last_error)
+                    self._set_state_locked(State.STOPPING)
+                    proc = self._proc
+                self._flush()
+                self._run_stop(token, proc, State.STOPPED)
+                return
+            with self._cond:
+                self._settle_locked(token, State.SLEEPING)
+        finally:
+            self._flush()
+
+    def _run_wake(self, token: object) -> None:
+        """Owner of SLEEPING -> READY (state already STARTING). A failed wake restarts the process."""
+        level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
+        try:
+            self._control("POST", "/wake_up")
+            if level == 2:
+                self._control("POST", "/collective_rpc", {"method": "reload_weights"})
+                self._control("POST", "/reset_prefix_cache")
+            ok, why, _ = self._probe(self.spec.probe_timeout_s)
+            if not ok:
+                raise RuntimeError(f"not healthy after wake_up: {why}")
+        except (OSError, http.client.HTTPException, RuntimeError) as e:
+            with self._cond:
+                if not self._owns(token):
+                    return
+                self.last_error = f"wake failed ({e}); restarting"
+                log.warning("backend %s: %s", self.name, self.last_error)
+                old = self._proc
+            self._flush()
+            self._run_start(token, 0.0, old, True)
+            return
+        with self._cond:
+            if self._owns(token):
+                now = self._clock()
+                self._last_used = now
+                self._next_probe = now + self.spec.probe_interval_s
+                self._unhealthy = 0
+                self._settle_locked(token, State.READY)
+        self._flush()
+
+    def _acquire(self, timeout: float, busy: bool) -> None:
+        deadline = time.monotonic() + timeout
+        triggered = False
+        try:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        raise errors.Unavailable(f"backend {self.name} is shutting down", retry_after=5)
+                    st = self._state
+                    if st is State.READY and self._owner is None:
+                        if busy:
+                            self._inflight += 1
+                        return
+                    if st is State.FAILED and self._owner is None:
+                        raise errors.Unavailable(f"backend {self.name} failed: {self.last_error}",
+                                                 retry_after=30)
+                    if self._owner is None:
+                        if triggered:   # we started it and someone stopped it before it was ready
+                            raise errors.Unavailable(f"backend {self.name} was {st.value} while starting",
+                                                     retry_after=1)
+                        if st is State.STOPPED:
+                            self._failures = 0
+                            self._begin_start_locked("start")
+                            triggered = True
+                        elif st is State.SLEEPING:
+                            self._begin_wake_locked()
+                            triggered = True
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise errors.Unavailable(
+                            f"backend {self.name} is not ready after {timeout:g}s (state {self._state.value}"
+                            f"{', ' + self._op if self._op else ''})", retry_after=5)
+                    self._cond.wait(remaining)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Deliver queued state changes to on_change, in order, with no lock of ours held but the
+        delivery lock (which only serializes deliveries)."""
+        if self._on_change is None:
+            self._changes.clear()
+            return
+        with self._flush_lock:
+            while True:
+                with self._cond:
+                    if not self._changes:
+                        return
+                    old, new = self._changes.popleft()
+                try:
+                    self._on_change(self.name, old, new)
+                except Exception:
+                    log.exception("on_change callback for backend %s failed", self.name)
+
+
+# ---- many processes ----------------------------------------------------------------------------------------
+class Supervisor:
+    """Owns the ManagedBackends, the registry file and one monitor thread.
+
+    start(): clean up orphans of a crashed sluice, start eager backends, start the monitor.
+    stop():  stop the monitor (at once: it waits on an Event), then every backend in parallel."""
+
+    def __init__(self, specs: Sequence[ProcessSpec], state_dir: Path | str, clock: Callable[[], float] = time.monotonic,
+                 *, on_change: Callable[[str, State, State], None] | None = None, tick_s: float | None = None,
+                 is_busy: Callable[[str], bool] | None = None):
+        self.state_dir = Path(state_dir)
+        self.registry = Registry(self.state_dir)
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate backend names: {names}")
+        self._backends: dict[str, ManagedBackend] = {}
+        for s in specs:
+            busy = (lambda n=s.name: is_busy(n)) if is_busy is not None else None
+            self._backends[s.name] = ManagedBackend(s, clock=clock, registry=self.registry, on_change=on_change,
+                                                    is_busy=busy)
+        intervals = [s.probe_interval_s for s in specs] or [1.0]
+        self.tick_s = tick_s if tick_s is not None else max(0.05, min(0.25, min(intervals) / 2))
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.orphans_stopped: list[dict] = []
+
+    def start(self) -> "Supervisor":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.orphans_stopped = cleanup_orphans(self.state_dir)
+        self.registry.write()
+        for b in self._backends.values():
+            if b.spec.start == "eager":
+                b.start()
+        self._monitor = threading.Thread(target=self._loop, name="sluice-supervisor", daemon=True)
+        self._monitor.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self.tick_s):
+            for b in list(self._backends.values()):
+                if self._stopping.is_set():
+                    return
+                try:
+                    b.check()
+                except Exception:
+                    log.exception("monitor check of backend %s failed", b.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=max([b.spec.probe_timeout_s for b in self._backends.values()] or [1]) + 1)
+        threads = [threading.Thread(target=b.close, name=f"sluice-{b.name}-close", daemon=True)
+                   for b in self._backends.values()]
+        for t in threads:
+            t.start()
+        for t, b in zip(threads, self._backends.values()):
+            t.join(b.spec.stop_timeout_s + 15)
+        self.registry.close()
+
+    def __enter__(self) -> "Supervisor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def get(self, name: str) -> ManagedBackend:
+        try:
+            return self._backends[name]
+        except KeyError:
+            raise KeyError(f"no managed backend {name!r}; known: {', '.join(self._backends) or 'none'}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._backends
+
+    def __iter__(self) -> Iterator[ManagedBackend]:
+        return iter(list(self._backends.values()))
+
+    def names(self) -> list[str]:
+        return list(self._backends)
+
+    def snapshot(self) -> list[dict]:
+        return [b.info() for b in self._backends.values()]
+
+
+__all__ = ["ALLOWED", "ENGINES", "Engine", "ManagedBackend", "ProcessSpec", "Registry", "State", "Supervisor",
+           "build_argv", "cleanup_orphans", "free_port", "is_same_process", "process_argv", "process_start_time",
+           "ram_tier_idle_s", "spec_for", "total_memory_bytes"]
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("sluice.supervisor needs POSIX process groups")
