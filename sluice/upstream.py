@@ -40,6 +40,8 @@ class Exchange:
         self.status = 0
         self.headers = None
         self._aborted = False
+        self._closed = False
+        self._lock = threading.Lock()   # abort (any thread) vs close (the owner): never touch a pooled socket
 
     def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> None:
         try:
@@ -81,17 +83,24 @@ class Exchange:
 
     def abort(self) -> None:
         """Close the upstream socket now: the backend sees the client's disconnect, a blocked read returns."""
-        self._aborted = True
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return               # already back in the pool, perhaps serving someone else
+            self._aborted = True
+            sock = self._conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         """Give the connection back for reuse when the response was read to its end, else drop it."""
-        if not self._aborted and self.response.isclosed() and not self.response.will_close:
+        with self._lock:
+            self._closed = True
+            reuse = not self._aborted and self.response is not None and self.response.isclosed() \
+                and not self.response.will_close
+        if reuse:
             self._upstream._checkin(self._conn)
         else:
             self._conn.close()

@@ -23,8 +23,8 @@ def pending(app) -> int:
     return app.scheduler.snapshot()["pending"]
 
 
-def totals_add_up(app) -> dict:
-    s = call(app, "GET", "/v1/queue/status")[2]
+def totals_add_up(app, headers=None) -> dict:
+    s = call(app, "GET", "/v1/queue/status", headers=headers)[2]
     assert s["total_received"] == (s["total_served"] + s["total_rejected"] + s["total_timeouts"]
                                    + s["total_cancelled"] + s["total_errors"] + s["pending"] + s["active_count"])
     return s
