@@ -39,7 +39,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -166,7 +165,7 @@ class ProcessSpec:
     name: str
     argv: tuple[str, ...]
     port: int
-    env: Mapping[str, str] = field(default_factory=dict)   # added to (overriding) sluice's own environment
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)   # added to (overriding) sluice's environment
     host: str = "127.0.0.1"
     health_path: str = "/health"
     start: str = "lazy"                  # lazy: on first ensure_ready; eager: when the Supervisor starts
@@ -477,7 +476,7 @@ class ManagedBackend:
         self.last_error: str | None = None
         self.last_exit: int | None = None
         self._changes: deque[tuple[State, State]] = deque()
-        self._flush_lock = threading.Lock()
+        self._flush_lock = threading.RLock()   # re-entrant: on_change may call back into this backend
 
     # ---- read-only views (lock-free reads of single attributes are atomic) -----------------------------
     @property
@@ -723,7 +722,7 @@ class ManagedBackend:
 
     def _begin_start_locked(self, op: str) -> None:
         token = self._claim_locked(op, State.STARTING)
-        self._thread(self._run_start, token, 0.0, None, False)
+        self._thread(self._run_start, token, None, None, False)
 
     def _begin_wake_locked(self) -> None:
         token = self._claim_locked("wake", State.STARTING)
@@ -758,7 +757,7 @@ class ManagedBackend:
         log.warning("backend %s: %s; restarting in %.2fs (failure %d of at most %d)", self.name, reason, delay,
                     self._failures, self.spec.start_retries)
         token = self._claim_locked("restart", State.STARTING)
-        self._thread(self._run_start, token, delay, old, True)
+        self._thread(self._run_start, token, self._clock() + delay, old, True)
 
     def _proc_gone_locked(self, rc: int | None) -> None:
         self._proc = None
@@ -804,8 +803,10 @@ class ManagedBackend:
     def _owns(self, token: object) -> bool:
         return self._owner is token
 
-    def _run_start(self, token: object, delay: float, old: subprocess.Popen | None, restart: bool) -> None:
-        """Owner of a STARTING phase: kill `old`, wait `delay`, spawn, wait for health; retry early exits
+    def _run_start(self, token: object, not_before: float | None, old: subprocess.Popen | None,
+                   restart: bool) -> None:
+        """Owner of a STARTING phase: kill `old`, wait until clock() >= `not_before` (the backoff, fixed when
+        the failure was decided), spawn, wait for health; retry early exits
         with backoff up to start_retries; READY or FAILED at the end (unless preempted by stop)."""
         spec = self.spec
         try:
@@ -818,10 +819,9 @@ class ManagedBackend:
                         self._proc_gone_locked(old.returncode)
             while True:
                 with self._cond:
-                    if delay > 0:
-                        until = self._clock() + delay
-                        while self._owns(token) and self._clock() < until and not self._closed:
-                            self._cond.wait(min(0.05, max(0.001, until - self._clock())))
+                    if not_before is not None:
+                        while self._owns(token) and self._clock() < not_before and not self._closed:
+                            self._cond.wait(min(0.05, max(0.001, not_before - self._clock())))
                     if not self._owns(token):
                         return
                     if self._closed:
@@ -863,7 +863,7 @@ class ManagedBackend:
                         self._settle_locked(token, State.FAILED)
                         return
                     delay = spec.backoff(self._failures)
-                    old = None
+                    not_before = self._clock() + delay
                     log.warning("backend %s: %s; retrying in %.2fs", self.name, failure, delay)
         finally:
             self._flush()
@@ -998,7 +998,7 @@ class ManagedBackend:
                 log.warning("backend %s: %s", self.name, self.last_error)
                 old = self._proc
             self._flush()
-            self._run_start(token, 0.0, old, True)
+            self._run_start(token, None, old, True)
             return
         with self._cond:
             if self._owns(token):
@@ -1150,6 +1150,3 @@ class Supervisor:
 __all__ = ["ALLOWED", "ENGINES", "Engine", "ManagedBackend", "ProcessSpec", "Registry", "State", "Supervisor",
            "build_argv", "cleanup_orphans", "free_port", "is_same_process", "process_argv", "process_start_time",
            "ram_tier_idle_s", "spec_for", "total_memory_bytes"]
-
-if sys.platform == "win32":  # pragma: no cover
-    raise ImportError("sluice.supervisor needs POSIX process groups")
