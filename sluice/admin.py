@@ -23,6 +23,7 @@ class Admin:
         return [
             Route("GET", "/admin/status", self.status, admin=True),
             Route("POST", "/admin/drain", self.drain, admin=True),
+            Route("POST", "/admin/models/", self.model_action, admin=True, prefix=True),
             Route("GET", "/metrics", self.metrics, admin=True),
             Route("GET", "/", self.dashboard, public=True),
             Route("GET", "/ui", self.dashboard, public=True),
@@ -43,11 +44,15 @@ class Admin:
         for name, g in snap["gates"].items():
             gates.append({**g, "jobs": [j for j in snap["active_jobs"] if j["gate"] == name]})
         health = app.api.health_doc(snap)
+        managed = {i["name"]: i for i in app.supervisor.snapshot()} if app.supervisor else {}
         backends = []
         for b in s.backends:
             live = snap["backends"][b.name]
-            backends.append({"name": b.name, "url": b.url, "gate": b.gate, "state": live["health"],
-                             "pid": None, "uptime_s": None, "restarts": 0, "last_error": None,
+            proc = managed.get(b.name, {})
+            backends.append({"name": b.name, "url": app.upstreams[b.name].url, "gate": b.gate,
+                             "state": proc["state"].lower() if proc else live["health"], "managed": bool(proc),
+                             "pid": proc.get("pid"), "uptime_s": proc.get("uptime_s"),
+                             "restarts": proc.get("restarts", 0), "last_error": proc.get("last_error"),
                              "inflight": live["inflight"], "slots": live["slots"],
                              "models": sorted(n for m in s.models if b.name in m.backends
                                               for n in (m.name, *m.aliases))})
@@ -77,6 +82,37 @@ class Admin:
         self.app.scheduler.drain(errors.Unavailable("sluice is draining for maintenance; retry later",
                                                     retry_after=30))
         h.respond_json(200, {"status": "draining", "pending": self.app.scheduler.snapshot()["pending"]})
+
+    def model_action(self, h: Handler, name: str = "", action: str = "", *rest: str) -> None:
+        """POST /admin/models/{name}/load|unload|sleep|wake for the backends that serve a model."""
+        app = self.app
+        model = app.api.models.get(name)
+        if model is None or rest:
+            raise errors.NotFound(f"no model {name!r}; known: {', '.join(app.settings.model_names()[:-1])}",
+                                  code="model_not_found")
+        if action not in ("load", "unload", "sleep", "wake"):
+            raise errors.NotFound(f"unknown action {action!r}; use load, unload, sleep or wake")
+        gates = {app._backend_cfg[b].gate for b in model.backends}
+        if any(app.scheduler.snapshot()["gates"][g]["state"] == "switching" for g in gates):
+            raise errors.Conflict(f"a model switch is running on gate {', '.join(sorted(gates))}; retry when it ends")
+        done = []
+        for b in model.backends:
+            cfg = app._backend_cfg[b]
+            if app.supervisor is not None and b in app.supervisor:
+                managed = app.supervisor.get(b)
+                if action in ("load", "wake"):
+                    managed.ensure_ready(cfg.start_timeout_s)
+                elif action == "sleep":
+                    managed.sleep()
+                else:
+                    managed.stop()
+            elif cfg.switch.startswith("vllm-sleep-") and action in ("sleep", "wake"):
+                app._switch(b, action)
+            else:
+                raise errors.Conflict(f"backend {b!r} is not run by sluice and has no sleep method, so it cannot "
+                                      f"{action}; give it an engine/command or switch = \"vllm-sleep-1\"")
+            done.append(b)
+        h.respond_json(200, {"model": model.name, "action": action, "backends": done})
 
     def metrics(self, h: Handler) -> None:
         h.respond(200, self.app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")

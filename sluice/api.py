@@ -6,6 +6,7 @@ runs the same life of a job: submit -> wait for a grant (watching the client) ->
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -73,12 +74,14 @@ def _show(v: Any) -> str:
 
 class Api:
     def __init__(self, settings: Settings, scheduler: Scheduler, upstreams: dict[str, Upstream], cloud,
-                 *, on_backend_refused: Callable[[str], None] | None = None, started: float | None = None):
+                 *, on_backend_refused: Callable[[str], None] | None = None, started: float | None = None,
+                 use_backend: Callable | None = None):
         self.scheduler = scheduler
         self.upstreams = upstreams
         self.cloud = cloud
         self.reconfigure(settings)
         self._refused = on_backend_refused or (lambda name: None)
+        self._use_backend = use_backend or (lambda name, timeout: contextlib.nullcontext())
         self.started_wall = time.time()
         self.started = started if started is not None else time.monotonic()
 
@@ -146,7 +149,11 @@ class Api:
         try:
             with h.server.watcher.watch(h.connection, lambda: self.scheduler.cancel(job)):
                 self.scheduler.wait(job, tick, self.settings.sse_keepalive_s, min(5.0, self.settings.sse_keepalive_s))
-                serve(job)
+                if job.backend is None:
+                    serve(job)
+                else:
+                    with self._use_backend(job.backend, max(0.001, job.deadline - time.monotonic())):
+                        serve(job)
         except errors.SluiceError as e:
             if job.abort_error is not None:          # sluice itself cut it short (e.g. a drain timeout)
                 e = job.abort_error

@@ -7,6 +7,7 @@ Stop:  stop accepting -> answer queued jobs 503 -> let in-flight jobs finish (bo
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -24,6 +25,7 @@ from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server
+from sluice.supervisor import ProcessSpec, State, Supervisor, ram_tier_idle_s, spec_for
 from sluice.upstream import HealthMonitor, Upstream
 
 log = logging.getLogger("sluice")
@@ -64,18 +66,27 @@ class App:
         self.settings = settings
         self.started = time.monotonic()
         self.recent: deque[dict] = deque(maxlen=200)
-        self.upstreams = {b.name: Upstream(b.name, b.url, b.api_key) for b in settings.backends}
         self._backend_cfg = {b.name: b for b in settings.backends}
+        procs = [self._process_spec(b) for b in settings.backends if b.managed]
+        urls = {b.name: b.url for b in settings.backends}
+        urls.update({p.name: f"http://127.0.0.1:{p.port}/v1" for p in procs})
+        self.upstreams = {b.name: Upstream(b.name, urls[b.name], b.api_key) for b in settings.backends}
         specs = [BackendSpec(b.name, b.gate, frozenset(m.name for m in settings.models if b.name in m.backends),
                              b.slots, b.jit_swap) for b in settings.backends]
         self.scheduler = Scheduler(settings.gates, specs, max_queue_depth=settings.max_queue_depth,
                                    aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch)
         self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
                            settings.claude_bin, environ)
-        self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path) for b in settings.backends},
+        # Managed backends are probed by their supervisor; the health monitor watches the others.
+        self.supervisor = Supervisor(procs, settings.state_dir, on_change=self._managed_changed,
+                                     is_busy=self.scheduler.busy) if procs else None
+        for p in procs:
+            self.scheduler.set_health(p.name, Health.READY)      # startable on demand: not down
+        self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path)
+                                     for b in settings.backends if not b.managed},
                                     self._report_health, settings.health_interval_s)
         self.api = Api(settings, self.scheduler, self.upstreams, self.cloud,
-                       on_backend_refused=self._backend_refused, started=self.started)
+                       on_backend_refused=self._backend_refused, started=self.started, use_backend=self._use_backend)
         self.admin = Admin(self)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s, settings.max_connections)
@@ -94,6 +105,8 @@ class App:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> "App":
+        if self.supervisor is not None:
+            self.supervisor.start()
         self.scheduler.start()
         self.health.start()
         self._serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -117,6 +130,8 @@ class App:
             log.warning("in-flight requests still running after %.0fs; stopping anyway", timeout)
         self.health.stop()
         self.scheduler.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.server.server_close()
         for up in self.upstreams.values():
             up.close()
@@ -155,10 +170,42 @@ class App:
     def _report_health(self, backend: str, ok: bool) -> None:
         self.scheduler.set_health(backend, Health.READY if ok else Health.DOWN)
 
+    def _process_spec(self, b) -> ProcessSpec:
+        idle = b.idle_unload_s if b.idle_unload_s is not None else ram_tier_idle_s()
+        extra = {"health_path": b.health_path} if b.health_path else {}
+        try:
+            return spec_for(b.name, model=b.model_path, engine=b.engine, command=b.command, port=b.port,
+                            log_dir=self.settings.log_dir, env=dict(b.env), start=b.start,
+                            start_timeout_s=b.start_timeout_s, stop_timeout_s=b.stop_timeout_s,
+                            start_retries=b.start_retries, unhealthy_after=b.unhealthy_after,
+                            idle_unload_s=idle or None, probe_interval_s=self.settings.health_interval_s, **extra)
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("backends.") else f"backends.{b.name}: {e}") from None
+
+    def _managed_changed(self, name: str, old, new) -> None:
+        # FAILED (restarts exhausted, start timeout) fails its waiting jobs fast; every other state can serve
+        # (STOPPED and SLEEPING start or wake on the next request).
+        self.scheduler.set_health(name, Health.DOWN if new is State.FAILED else Health.READY)
+
+    def _use_backend(self, name: str, timeout: float):
+        """Context for forwarding to a backend: a managed one is started or woken first and kept from idle
+        unload until the request is done."""
+        if self.supervisor is not None and name in self.supervisor:
+            return self.supervisor.get(name).use(timeout)
+        return contextlib.nullcontext()
+
     def _switch(self, backend: str, action: str) -> None:
         """Take a backend's model off the GPU ("sleep", "stop") or bring it back ("wake"). Raises on failure."""
         cfg = self._backend_cfg[backend]
-        if cfg.switch == "command":
+        if self.supervisor is not None and backend in self.supervisor:
+            managed = self.supervisor.get(backend)
+            if action == "wake":
+                managed.ensure_ready(cfg.start_timeout_s)
+            elif action == "sleep":
+                managed.sleep()               # a failed sleep falls back to stop inside
+            else:
+                managed.stop()
+        elif cfg.switch == "command":
             argv = cfg.wake_cmd if action == "wake" else cfg.sleep_cmd
             r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
             if r.returncode != 0:

@@ -38,7 +38,7 @@ class GateConfig:
 @dataclass(frozen=True)
 class BackendConfig:
     name: str
-    url: str                        # OpenAI base URL, ending in /v1
+    url: str = ""                   # OpenAI base URL, ending in /v1 (managed backends: derived from the port)
     gate: str = "gpu"
     slots: int | None = None        # None: as many as the gate allows
     models: tuple[str, ...] = ()
@@ -49,7 +49,22 @@ class BackendConfig:
     switch: str = "none"            # how an exclusive gate takes it down and up: see SWITCH_METHODS
     sleep_cmd: tuple[str, ...] = () # switch = "command": argv run to free the GPU, and to load again
     wake_cmd: tuple[str, ...] = ()
+    # A managed backend: a process sluice starts on demand, restarts on crash and unloads when idle.
+    engine: str | None = None       # mlx-lm | llama.cpp | vllm (a preset command, probe and sleep method)
+    command: str | tuple[str, ...] | None = None   # or your own: "{model}", "{host}", "{port}" are filled in
+    model_path: str = ""            # what {model} stands for
+    port: int | None = None         # None: a free port is picked
+    start: str = "lazy"             # lazy: on the first request; eager: when sluice starts
+    start_timeout_s: float = 120.0
+    stop_timeout_s: float = 10.0
+    start_retries: int = 3
+    unhealthy_after: int = 3
+    idle_unload_s: float | None = None   # None: from the RAM tier (600/300/180 s); 0: never
+    env: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def managed(self) -> bool:
+        return self.engine is not None or self.command is not None
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -273,9 +288,24 @@ def _argv(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _command(v: Any) -> str | tuple[str, ...]:
+    return _str(v) if isinstance(v, str) else _argv(v)
+
+
+def _env_table(v: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+        raise ValueError("must be a table of strings")
+    return tuple(sorted(v.items()))
+
+
+ENGINES = ("mlx-lm", "llama.cpp", "vllm")
 _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "api_key": _str,
                     "forward_priority": _bool, "health_path": _str, "jit_swap": _bool,
-                    "switch": _choice(SWITCH_METHODS), "sleep_cmd": _argv, "wake_cmd": _argv}
+                    "switch": _choice(SWITCH_METHODS), "sleep_cmd": _argv, "wake_cmd": _argv,
+                    "engine": _choice(ENGINES), "command": _command, "model_path": _str, "port": _int(1, 65535),
+                    "start": _choice(("lazy", "eager")), "start_timeout_s": _float(0, positive=True),
+                    "stop_timeout_s": _float(0, positive=True), "start_retries": _int(0),
+                    "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table}
 _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names}
 
 
@@ -307,6 +337,10 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
     for b in backends:
         if b.gate not in gate_names:
             raise ConfigError(f"backends.{b.name}.gate: no gate named {b.gate!r} (gates: {', '.join(sorted(gate_names))})")
+        if not b.url and not b.managed:
+            raise ConfigError(f"backends.{b.name}.url: required (or give engine/command to have sluice run it)")
+        if b.managed and b.url:
+            raise ConfigError(f"backends.{b.name}.url: a managed backend's URL comes from its port; drop url")
         if b.switch == "command" and not (b.sleep_cmd and b.wake_cmd):
             raise ConfigError(f"backends.{b.name}.switch: \"command\" needs sleep_cmd and wake_cmd")
     backend_names = {b.name for b in backends}

@@ -254,6 +254,12 @@ class Scheduler:
         self._notify_finished(queued)
         return len(queued)
 
+    def busy(self, backend: str) -> bool:
+        """Whether a backend has work in flight or waiting (idle unload must not happen then)."""
+        with self._lock:
+            b = self._backends[backend]
+            return b.inflight > 0 or any(len(q) for m in b.models for q in self._queues[m])
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no granted job is in flight; False if some still are after `timeout` seconds."""
         deadline = time.monotonic() + timeout
