@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url")
     p.add_argument("--watch", action="store_true", help="refresh every second, like top")
 
+    p = sub.add_parser("validate", help="check that a model's backend sleeps and wakes (or restarts) cleanly")
+    p.add_argument("model")
+    p.add_argument("--levels", default="1,2", help="vLLM sleep levels to test (default 1,2)")
+    p.add_argument("--config")
+
     p = sub.add_parser("demo", help="run a real tiny model on mlx_lm.server behind sluice (needs the mlx extra)")
     p.add_argument("--port", type=int, default=None)
 
@@ -179,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "status":
             from sluice.status import main as status_main
             return status_main(args)
+        if args.cmd == "validate":
+            from sluice.validate import run
+            levels = [int(x) for x in args.levels.split(",") if x.strip() in ("1", "2")]
+            return run(_settings(args), args.model, levels or [1])
         if args.cmd == "demo":
             from sluice.demo import main as demo_main
             return demo_main(args)

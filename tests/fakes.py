@@ -38,6 +38,8 @@ class FakeBackend:
         self.control_calls: list[tuple[float, str]] = []   # (time, "POST /sleep?level=1"), in order
         self.fail_control: set[str] = set()   # paths (without query) that answer 500
         self.shared_log: list | None = None   # several fakes can share one log to check cross-server order
+        self.reply_after_wake: str | None = None   # answer differently once woken (a broken wake)
+        self.woken = False
         self._released = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -173,6 +175,7 @@ class FakeBackend:
             self.sleeping = True
         elif path == "/wake_up":
             self.sleeping = False
+            self.woken = True
         h._json(200, {})
 
     def _leave(self) -> None:
@@ -206,7 +209,7 @@ class FakeBackend:
         if h.path.endswith("/embeddings"):
             return h._json(200, {"object": "list", "data": [{"object": "embedding", "index": 0,
                                                              "embedding": [0.1, 0.2]}], "model": body.get("model")})
-        reply = f"echo: {text}"
+        reply = self.reply_after_wake if self.woken and self.reply_after_wake else f"echo: {text}"
         h._json(200, {"id": "cmpl-1", "object": "chat.completion", "model": body.get("model"),
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                    "finish_reason": "stop"}],
