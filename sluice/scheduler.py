@@ -545,13 +545,13 @@ class Scheduler:
         target = decide(gate.config.policy, view, self._costs[gate.name]) if waiting else None
         if target is None or target == gate.resident:
             gate.drain_target = gate.drain_started = None   # nothing to switch to (a cancel can end a drain)
-            return next_deadline(view) if waiting else None
+            return next_deadline(view, self._costs[gate.name]) if waiting else None
         if gate.drain_target != target:
             gate.drain_target, gate.drain_started = target, now
         if gate.inflight:
             deadline = gate.drain_started + gate.config.drain_timeout_s
             if now < deadline:
-                return min(deadline, next_deadline(view) or deadline)
+                return min(deadline, next_deadline(view, self._costs[gate.name]) or deadline)
             self._abort_gate_locked(gate, errors.Unavailable(
                 f"cancelled after {gate.config.drain_timeout_s:g}s: gate {gate.name!r} must switch to model "
                 f"{target!r} (drain_timeout_s); retry", retry_after=1))
