@@ -11,8 +11,10 @@ honours, in this order:
 then the policy itself:
 - `fifo`: the model of the best waiting job (priority, then arrival);
 - `cost-aware`: keep the resident model while it has work, unless another model's waiting work outweighs
-  the measured switch cost or a job more urgent than all of the resident's waits; work = job-seconds
-  already waited (sum of ages), cost = EMA of measured switch seconds for (resident -> other);
+  the resident's own waiting work by more than the round trip the switch forces (resident -> other ->
+  back, each the EMA of measured switch seconds), or a job more urgent than all of the resident's waits;
+  work = job-seconds already waited (sum of ages). Weighing against the resident's own backlog and the
+  way back is what stops A<->B thrash;
 - `drain-first`: finish the resident model's queue, then the model with the most urgent job (ties: the
   oldest wait).
 """
@@ -94,6 +96,10 @@ def _work(view: GateView, model: str) -> float:
     return sum(view.now - w.enqueued_at for w in view.waiting if w.model == model)
 
 
+def _round_trip(costs: SwitchCosts, resident: str, other: str) -> float:
+    return costs.get(resident, other) + costs.get(other, resident)
+
+
 def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
@@ -117,8 +123,9 @@ def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
     best_other = _best([w for w in view.waiting if w.model != view.resident] or mine)
     if best_other.model != view.resident and best_other.priority < min(w.priority for w in mine):
         return best_other.model
+    own = _work(view, view.resident)
     others = {w.model for w in view.waiting} - {view.resident}
-    heavy = [(m, _work(view, m)) for m in others if _work(view, m) > costs.get(view.resident, m)]
+    heavy = [(m, _work(view, m)) for m in others if _work(view, m) > own + _round_trip(costs, view.resident, m)]
     if heavy:
         return max(heavy, key=lambda mw: (mw[1], -min(w.seq for w in view.waiting if w.model == mw[0])))[0]
     return view.resident
@@ -131,9 +138,12 @@ def next_deadline(view: GateView, costs: SwitchCosts | None = None) -> float | N
     if view.resident is not None:
         times.append(view.resident_since + view.min_active_s)
         if costs is not None:
+            mine = [w.enqueued_at for w in view.waiting if w.model == view.resident]
             for m in {w.model for w in view.waiting} - {view.resident}:
-                ages = [w.enqueued_at for w in view.waiting if w.model == m]
-                # sum(t - e) = cost  =>  t = (cost + sum(e)) / n
-                times.append((costs.get(view.resident, m) + sum(ages)) / len(ages))
+                theirs = [w.enqueued_at for w in view.waiting if w.model == m]
+                # sum(t - e_m) - sum(t - e_r) = cost  =>  t = (cost + sum(e_m) - sum(e_r)) / (n_m - n_r)
+                if len(theirs) > len(mine):
+                    cost = _round_trip(costs, view.resident, m)
+                    times.append((cost + sum(theirs) - sum(mine)) / (len(theirs) - len(mine)))
     future = [t for t in times if t > view.now]
     return min(future) if future else None
