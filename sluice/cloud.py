@@ -87,7 +87,7 @@ class Cloud:
         self._acquire(timeout)
         try:
             if mode == "api":
-                msg = self._call(lambda c: c.messages.create(**request, timeout=timeout))
+                msg = self._call(lambda c: c.messages.create(**_sdk_kwargs(c, request), timeout=timeout))
                 return from_message(_as_dict(msg), request["model"])
             text = self._cli(request, timeout)
             return from_message({"content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
@@ -112,7 +112,8 @@ class Cloud:
                 yield chunk.make({"role": "assistant", "content": self._cli(request, timeout)})
                 yield chunk.make({}, finish="stop")
                 return
-            stream = self._call(lambda c: c.messages.create(**request, stream=True, timeout=timeout))
+            stream = self._call(lambda c: c.messages.create(**_sdk_kwargs(c, request), stream=True,
+                                                            timeout=timeout))
             try:
                 yield from translate_events((_as_dict(e) for e in stream), chunk, include_usage)
             except Exception as e:   # SDK errors raised while iterating
@@ -160,6 +161,18 @@ def _sdk():
     except ImportError:
         return None
     return anthropic
+
+
+def _sdk_kwargs(client, request: dict) -> dict:
+    """Request fields as SDK keyword arguments; fields this SDK version has no parameter for (newer
+    releases dropped `temperature` and `top_p`) travel in `extra_body`, so the API still receives them."""
+    import inspect
+    known = set(inspect.signature(client.messages.create).parameters)
+    kw = {k: v for k, v in request.items() if k in known}
+    extra = {k: v for k, v in request.items() if k not in known}
+    if extra:
+        kw["extra_body"] = extra
+    return kw
 
 
 def _as_dict(obj) -> dict:
