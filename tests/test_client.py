@@ -10,7 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice import P_CRITICAL, SluiceClient, sluice
@@ -49,7 +49,7 @@ class Misbehaving:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.unblock.set()
@@ -78,7 +78,8 @@ ANSWERS = {
     "504 timeout": lambda h: h.reply(504, {"status": "timeout", "error": "waited"}),
     "500": lambda h: h.reply(500, {"status": "error"}),
     "reset": reset,
-    "incomplete read": lambda h: h.reply(200, raw=b'{"status": "ok"', length=100),
+    "incomplete read": lambda h: (h.reply(200, raw=b'{"status": "ok"', length=100),
+                                  setattr(h, "close_connection", True)),
     "bad json": lambda h: h.reply(200, raw=b"{nope"),
     "json list": lambda h: h.reply(200, ["a"]),
     "no result": lambda h: h.reply(200, {"status": "ok"}),
@@ -153,14 +154,18 @@ def test_against_real_sluice(app, backend, monkeypatch):
     assert c.query("fast", "x") == ""                   # backend crashed -> ""
 
 
-@settings(max_examples=150, deadline=None)
-@given(prompt=st.one_of(st.text(), st.none(), st.integers()), raw=st.binary(max_size=64))
-def test_never_raises_whatever_comes_back(prompt, raw):
-    srv = Misbehaving()
-    try:
-        srv.answer = lambda h: h.reply(200, raw=raw)
-        c = SluiceClient(srv.url, timeout=2)
-        assert isinstance(c.query("fast", prompt), str)
-        assert isinstance(c.health(), dict) and isinstance(c.queue_status(), dict)
-    finally:
-        srv.close()
+@pytest.fixture(scope="module")
+def shared_srv():
+    s = Misbehaving()
+    yield s
+    s.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=st.one_of(st.text(), st.none(), st.integers()), raw=st.binary(max_size=64),
+       status=st.sampled_from([200, 400, 500, 503]))
+def test_never_raises_whatever_comes_back(shared_srv, prompt, raw, status):
+    shared_srv.answer = lambda h: h.reply(status, raw=raw)
+    c = SluiceClient(shared_srv.url, timeout=2)
+    assert isinstance(c.query("fast", prompt), str)
+    assert isinstance(c.health(), dict) and isinstance(c.queue_status(), dict)
