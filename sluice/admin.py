@@ -75,6 +75,7 @@ class Admin:
         }
 
     def status(self, h: Handler) -> None:
+        self.app.flush_records()
         h.respond_json(200, self.status_doc())
 
     def drain(self, h: Handler) -> None:
@@ -115,7 +116,8 @@ class Admin:
         h.respond_json(200, {"model": model.name, "action": action, "backends": done})
 
     def metrics(self, h: Handler) -> None:
-        h.respond(200, self.app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        self.app.flush_records()
+        h.respond(200, self.app.metrics.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def dashboard(self, h: Handler) -> None:
         if self._dashboard is None:

@@ -13,16 +13,18 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import queue
 import subprocess
 import threading
 import time
 from collections import deque
 
-from sluice import errors
+from sluice import __version__, errors
 from sluice.admin import Admin
 from sluice.api import Api
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
+from sluice.metrics import SluiceMetrics
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server
 from sluice.supervisor import ProcessSpec, State, Supervisor, ram_tier_idle_s, spec_for
@@ -66,6 +68,8 @@ class App:
         self.settings = settings
         self.started = time.monotonic()
         self.recent: deque[dict] = deque(maxlen=200)
+        self._records: queue.Queue = queue.Queue()
+        self._recording = threading.Thread(target=self._recorder, name="sluice-recorder", daemon=True)
         self._backend_cfg = {b.name: b for b in settings.backends}
         procs = [self._process_spec(b) for b in settings.backends if b.managed]
         urls = {b.name: b.url for b in settings.backends}
@@ -74,7 +78,8 @@ class App:
         specs = [BackendSpec(b.name, b.gate, frozenset(m.name for m in settings.models if b.name in m.backends),
                              b.slots, b.jit_swap) for b in settings.backends]
         self.scheduler = Scheduler(settings.gates, specs, max_queue_depth=settings.max_queue_depth,
-                                   aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch)
+                                   aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch,
+                                   on_switch=lambda gate, phases: self.metrics.record_switch(gate, phases))
         self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
                            settings.claude_bin, environ)
         # Managed backends are probed by their supervisor; the health monitor watches the others.
@@ -88,6 +93,7 @@ class App:
         self.api = Api(settings, self.scheduler, self.upstreams, self.cloud,
                        on_backend_refused=self._backend_refused, started=self.started, use_backend=self._use_backend)
         self.admin = Admin(self)
+        self.metrics = SluiceMetrics(__version__, self.admin.status_doc, lambda: time.monotonic() - self.started)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s, settings.max_connections)
         self._requests_log = _requests_logger(settings.log_dir)
@@ -105,6 +111,7 @@ class App:
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> "App":
+        self._recording.start()
         if self.supervisor is not None:
             self.supervisor.start()
         self.scheduler.start()
@@ -135,6 +142,8 @@ class App:
         self.server.server_close()
         for up in self.upstreams.values():
             up.close()
+        self._records.put(None)
+        self._recording.join(timeout=5)
         if self._requests_log is not None:
             for h in self._requests_log.handlers:
                 h.close()
@@ -243,21 +252,44 @@ class App:
             raise errors.Forbidden(f"key {h.key.name!r} is not an admin key")
 
     def _record(self, job: Job) -> None:
-        """One line per finished job (its request id, model, priority, wait, service time, outcome)."""
+        """Note a finished job. Timings are taken now; logging and metrics happen on the recorder thread,
+        off the request's path."""
         now = time.monotonic()
         service_ms = (now - job.granted_at) * 1000 if job.granted_at is not None else 0.0
         ttfb_ms = (job.first_byte_at - job.granted_at) * 1000 if job.first_byte_at and job.granted_at else None
         entry = {"time": round(time.time(), 3), "id": job.id, "route": job.route, "model": job.model,
                  "priority": job.priority, "outcome": job.outcome.value, "status": job.status or
-                 (job.error.status if job.error else 200), "backend": job.backend,
+                 (job.error.status if job.error else 200), "backend": job.backend, "client": job.client,
                  "wait_ms": round(job.wait_s * 1000, 2), "service_ms": round(service_ms, 2),
                  "ttfb_ms": round(ttfb_ms, 2) if ttfb_ms is not None else None, "usage": job.usage}
-        entry["client"] = job.client
         if self.settings.log_prompts and job.payload is not None:
             entry["prompt"] = job.payload
-        self.recent.append(entry)
-        if self._requests_log is not None:
-            self._requests_log.info(json.dumps(entry, separators=(",", ":")))
-        log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
-                 job.id, job.route, job.model, job.priority, entry["wait_ms"], service_ms, entry["outcome"],
-                 entry["status"], f" error={job.error.message!r}" if job.error and job.outcome.value != "ok" else "")
+        error = job.error.message if job.error is not None and job.outcome.value != "ok" else None
+        self._records.put((entry, job.granted_at is not None, error))
+
+    def flush_records(self, timeout: float = 2.0) -> None:
+        """Wait until every finished job so far is in the metrics, the log and `recent` (for status reads)."""
+        deadline = time.monotonic() + timeout
+        with self._records.all_tasks_done:
+            while self._records.unfinished_tasks and time.monotonic() < deadline:
+                self._records.all_tasks_done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _recorder(self) -> None:
+        while True:
+            item = self._records.get()
+            try:
+                if item is None:
+                    return
+                entry, granted, error = item
+                self.metrics.record({**entry, "granted": granted})
+                self.recent.append(entry)
+                if self._requests_log is not None:
+                    self._requests_log.info(json.dumps(entry, separators=(",", ":")))
+                log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
+                         entry["id"], entry["route"], entry["model"], entry["priority"], entry["wait_ms"],
+                         entry["service_ms"], entry["outcome"], entry["status"],
+                         f" error={error!r}" if error else "")
+            except Exception:
+                log.exception("recording a finished request failed")
+            finally:
+                self._records.task_done()
