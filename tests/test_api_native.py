@@ -313,3 +313,20 @@ def test_queue_status_shape(app):
                 "avg_latency_ms", "uptime_s", "total_errors", "total_cancelled"):
         assert key in s
     assert s["total_served"] == 1 and s["active"] is False
+
+
+def test_drain_refuses_new_work_but_finishes_the_queue(app, backend):
+    backend.holding = True
+    results: dict = {}
+    threads = [query_async(app, {"model": "fast", "prompt": "running"}, results, 0)]
+    assert backend.wait_arrivals(1)
+    threads.append(query_async(app, {"model": "fast", "prompt": "queued"}, results, 1))
+    until(lambda: pending(app) == 1)
+    status, _, body = call(app, "POST", "/admin/drain")
+    assert status == 200 and body == {"status": "draining", "pending": 1}
+    status, _, body = call(app, "POST", "/v1/query", {"model": "fast", "prompt": "new"})
+    assert status == 503 and "draining" in body["error"]
+    backend.release_all()
+    for t in threads:
+        t.join(10)
+    assert [results[i][0] for i in (0, 1)] == [200, 200] and backend.prompts() == ["running", "queued"]
