@@ -20,7 +20,7 @@ SCHEMAS = {
         "model": {"type": "string", "description": "model name or alias; `cloud` for Anthropic"},
         "prompt": {"type": "string", "minLength": 1}, "system": {"type": "string"},
         "max_tokens": {"type": "integer", "minimum": 1}, "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "priority": _PRIORITY, "timeout": {"type": "number", "exclusiveMinimum": 0}}},
+        "priority": _PRIORITY, "timeout": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}},
     "QueryResponse": {"type": "object", "required": ["status", "result"], "properties": {
         "status": {"type": "string", "enum": ["ok"]}, "source": {"type": "string", "enum": ["local", "cloud"]},
         "result": {"type": "string"}, "id": {"type": "string"}}},
