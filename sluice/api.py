@@ -257,7 +257,7 @@ class Api:
             status = "warming"
         ready = sum(1 for m in self.settings.models if model_status[m.name] == "ready")
         return {"status": status, "models_ready": ready, "models_total": len(self.settings.models),
-                "backends": {self.backends[n].url: v for n, v in states.items()},
+                "backends": {self.upstreams[n].url: v for n, v in states.items()},
                 "model_status": model_status,
                 "queue": {"pending": snap["pending"], "active": snap["active"] > 0,
                           "total_served": snap["totals"]["served"], "avg_latency_ms": snap["avg_latency_ms"]}}
