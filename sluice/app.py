@@ -13,7 +13,6 @@ import ipaddress
 import json
 import logging
 import logging.handlers
-import queue
 import subprocess
 import threading
 import time
@@ -68,7 +67,10 @@ class App:
         self.settings = settings
         self.started = time.monotonic()
         self.recent: deque[dict] = deque(maxlen=200)
-        self._records: queue.Queue = queue.Queue()
+        # Finished jobs wait here for the recorder; appending wakes no thread, so recording never competes
+        # with a request for the interpreter while that request is still being answered.
+        self._records: deque[tuple] = deque()
+        self._records_lock = threading.Lock()
         self._recording = threading.Thread(target=self._recorder, name="sluice-recorder", daemon=True)
         self._backend_cfg = {b.name: b for b in settings.backends}
         procs = [self._process_spec(b) for b in settings.backends if b.managed]
@@ -142,7 +144,6 @@ class App:
         self.server.server_close()
         for up in self.upstreams.values():
             up.close()
-        self._records.put(None)
         self._recording.join(timeout=5)
         if self._requests_log is not None:
             for h in self._requests_log.handlers:
@@ -265,31 +266,27 @@ class App:
         if self.settings.log_prompts and job.payload is not None:
             entry["prompt"] = job.payload
         error = job.error.message if job.error is not None and job.outcome.value != "ok" else None
-        self._records.put((entry, job.granted_at is not None, error))
+        self._records.append((entry, job.granted_at is not None, error))
 
-    def flush_records(self, timeout: float = 2.0) -> None:
-        """Wait until every finished job so far is in the metrics, the log and `recent` (for status reads)."""
-        deadline = time.monotonic() + timeout
-        with self._records.all_tasks_done:
-            while self._records.unfinished_tasks and time.monotonic() < deadline:
-                self._records.all_tasks_done.wait(max(0.0, deadline - time.monotonic()))
+    def flush_records(self) -> None:
+        """Record every job finished so far (metrics, log, `recent`): the recorder's work, done now."""
+        with self._records_lock:
+            while self._records:
+                self._record_one(*self._records.popleft())
 
     def _recorder(self) -> None:
-        while True:
-            item = self._records.get()
-            try:
-                if item is None:
-                    return
-                entry, granted, error = item
-                self.metrics.record({**entry, "granted": granted})
-                self.recent.append(entry)
-                if self._requests_log is not None:
-                    self._requests_log.info(json.dumps(entry, separators=(",", ":")))
-                log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
-                         entry["id"], entry["route"], entry["model"], entry["priority"], entry["wait_ms"],
-                         entry["service_ms"], entry["outcome"], entry["status"],
-                         f" error={error!r}" if error else "")
-            except Exception:
-                log.exception("recording a finished request failed")
-            finally:
-                self._records.task_done()
+        while not self._stopped.wait(0.2):
+            self.flush_records()
+        self.flush_records()
+
+    def _record_one(self, entry: dict, granted: bool, error: str | None) -> None:
+        try:
+            self.metrics.record({**entry, "granted": granted})
+            self.recent.append(entry)
+            if self._requests_log is not None:
+                self._requests_log.info(json.dumps(entry, separators=(",", ":")))
+            log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
+                     entry["id"], entry["route"], entry["model"], entry["priority"], entry["wait_ms"],
+                     entry["service_ms"], entry["outcome"], entry["status"], f" error={error!r}" if error else "")
+        except Exception:
+            log.exception("recording a finished request failed")

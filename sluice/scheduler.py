@@ -427,7 +427,8 @@ class Scheduler:
             b = self._backends[job.backend]
             b.inflight -= 1
             b.gate.inflight -= 1
-            self._work.notify()
+            if self._depth or b.gate.exclusive:     # wake the dispatcher only when a grant may follow
+                self._work.notify()
         if self._active.pop(job.id, None) is not None and not self._active:
             self._idle.notify_all()
         job.state = JobState.DONE

@@ -78,6 +78,7 @@ class DisconnectWatcher:
 
     def __init__(self):
         self._sel = selectors.DefaultSelector()
+        self._live_registration = type(self._sel).__name__ in ("EpollSelector", "KqueueSelector")
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -92,7 +93,11 @@ class DisconnectWatcher:
     def _register(self, sock, cb) -> None:
         with self._lock:
             self._sel.register(sock, selectors.EVENT_READ, cb)
-        self._wake_w.send(b"x")
+        # epoll and kqueue see a registration made while another thread waits in them; the others
+        # (poll/select) only look again after a wake-up. Skipping it saves a syscall and a thread switch
+        # on every request.
+        if not self._live_registration:
+            self._wake_w.send(b"x")
 
     def _unregister(self, sock) -> None:
         with self._lock:
