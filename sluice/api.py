@@ -350,7 +350,7 @@ class Api:
                                         f"{data[:300].decode('utf-8', 'replace')}")
             job.status = ex.status
             self.scheduler.finish(job, Outcome.OK if ex.status == 200 else Outcome.ERROR)
-            ctype = ex.headers.get("Content-Type", "application/json")
+            ctype = ex.headers.get("content-type", "application/json")
             h.respond(ex.status, data, ctype, headers=self._headers(job))
             return
         sse.relay(ex, deadline)
