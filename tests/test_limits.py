@@ -54,3 +54,18 @@ def test_connection_cap_answers_503_at_once(make_app, backend):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert call(app, "GET", "/v1/health")[0] == 200
+
+
+def test_expect_100_continue_is_answered(app):
+    s = socket.create_connection(("127.0.0.1", app.port))
+    s.settimeout(5)
+    body = b'{"model": "fast", "prompt": "big"}'
+    s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body))
+    assert s.recv(64).startswith(b"HTTP/1.1 100 Continue")
+    s.sendall(body)
+    data = b""
+    while b'"result"' not in data:
+        data += s.recv(4096)
+    assert data.startswith(b"HTTP/1.1 200") and b"echo: big" in data
+    s.close()
