@@ -145,6 +145,10 @@ class Api:
     def run(self, h: Handler, job: Job, serve: Callable[[Job], None],
             tick: Callable[[int], None] | None = None) -> None:
         """The life of a job: admitted, granted, served, finished exactly once."""
+        model = self.models.get(job.model)
+        if model is not None and model.fallback and job.route in ("/v1/query", "/v1/chat/completions") \
+                and self.cloud.mode() != "unavailable":
+            job.fallback_at = time.monotonic() + model.fallback_after_s
         self.scheduler.submit(job)  # raises the refusal (queue full, backend down); the job is already finished
         try:
             with h.server.watcher.watch(h.connection, lambda: self.scheduler.cancel(job)):
@@ -169,17 +173,25 @@ class Api:
         self.scheduler.finish(job, Outcome.OK)
 
     def _headers(self, job: Job) -> dict[str, str]:
-        return {"X-Sluice-Queue-Wait-Ms": f"{job.wait_s * 1000:.1f}", "X-Sluice-Backend": job.backend or job.model}
+        return {"X-Sluice-Queue-Wait-Ms": f"{job.wait_s * 1000:.1f}",
+                "X-Sluice-Backend": job.backend or (CLOUD if job.rerouted else job.model)}
 
-    def _open(self, job: Job, path: str, body: dict, deadline: float) -> tuple[Upstream, Exchange]:
+    def _open(self, job: Job, path: str, body: dict, deadline: float) -> tuple[Upstream, Exchange] | None:
+        """Forward to the granted backend. None: it refused before anything was sent and the job moved to
+        the cloud route (the model has fallback = "cloud")."""
         up = self.upstreams[job.backend]
         try:
             ex = up.open("POST", path, json.dumps(body).encode(), deadline,
                          on_open=lambda ex: self.scheduler.attach(job, ex.abort))
         except errors.BadGateway as e:
-            if "refused" in e.message:
-                self._refused(job.backend)
-            raise
+            if "refused" not in e.message:
+                raise
+            self._refused(job.backend)
+            if job.fallback_at is None:
+                raise
+            log.warning("req=%s backend %s refused; falling back to the cloud route", job.id, job.backend)
+            self.scheduler.reroute(job)
+            return None
         job.first_byte_at = time.monotonic()
         return up, ex
 
@@ -205,7 +217,7 @@ class Api:
         result: dict = {}
 
         def serve(job: Job) -> None:
-            if model == CLOUD:
+            if model == CLOUD or job.rerouted:
                 result["text"] = self.cloud.query(prompt, system, max_tokens, temperature,
                                                   timeout or s.cloud_timeout_s)
                 return
@@ -215,7 +227,10 @@ class Api:
                        "max_tokens": max_tokens, "temperature": temperature, "stream": False,
                        "chat_template_kwargs": {"enable_thinking": False}}
             deadline = self._deadline(timeout)
-            up, ex = self._open(job, "/chat/completions", up_body, deadline)
+            opened = self._open(job, "/chat/completions", up_body, deadline)
+            if opened is None:
+                return serve(job)
+            up, ex = opened
             data = ex.read(deadline)
             ex.close()
             if ex.status != 200:
@@ -232,7 +247,7 @@ class Api:
 
         self.run(h, job, serve)
         job.status = 200
-        h.respond_json(200, {"status": "ok", "source": "cloud" if model == CLOUD else "local",
+        h.respond_json(200, {"status": "ok", "source": "cloud" if model == CLOUD or job.rerouted else "local",
                              "result": result["text"], "id": job.id}, headers=self._headers(job))
 
     def health(self, h: Handler) -> None:
@@ -328,14 +343,17 @@ class Api:
             sse.done()
 
     def _serve_openai(self, h: Handler, job: Job, path: str, body: dict, sse: "_SSE") -> None:
-        if job.model == CLOUD:
+        if job.model == CLOUD or job.rerouted:
             return self._serve_cloud(h, job, body, sse)
         if not self.backends[job.backend].forward_priority:
             body.pop("priority", None)
         else:
             body["priority"] = job.priority
         deadline = self._deadline()
-        up, ex = self._open(job, path, body, deadline)
+        opened = self._open(job, path, body, deadline)
+        if opened is None:
+            return self._serve_cloud(h, job, body, sse)
+        up, ex = opened
         if not job.stream or ex.status != 200:
             data = ex.read(deadline)
             ex.close()

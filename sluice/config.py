@@ -72,6 +72,8 @@ class ModelConfig:
     upstream_model: str
     backends: tuple[str, ...]
     aliases: tuple[str, ...] = ()
+    fallback: str | None = None      # "cloud": send to Anthropic when no local backend takes it in time
+    fallback_after_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -306,7 +308,8 @@ _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _name
                     "start": _choice(("lazy", "eager")), "start_timeout_s": _float(0, positive=True),
                     "stop_timeout_s": _float(0, positive=True), "start_retries": _int(0),
                     "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table}
-_MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names}
+_MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names,
+                  "fallback": _choice((CLOUD,)), "fallback_after_s": _float(0)}
 
 
 def _topology(doc: dict, env: Mapping[str, str], sources: dict[str, str]):

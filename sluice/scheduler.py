@@ -87,6 +87,8 @@ class Job:
     usage: dict | None = None
     cancel_hook: Callable[[], None] | None = None  # closes the upstream connection of a job in flight
     abort_error: errors.SluiceError | None = None  # why sluice (not the client) aborted it
+    fallback_at: float | None = None  # when still queued at this time, leave the queue for the cloud route
+    rerouted: bool = False            # it left its gate for the cloud route (fallback)
     _signal: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -282,7 +284,10 @@ class Scheduler:
             job.deadline = now + job.timeout_s
             self.totals["received"] += 1
             err = self._refusal_locked(job)
-            if err is not None:
+            if err is not None and job.fallback_at is not None and isinstance(err, errors.Unavailable) \
+                    and not isinstance(err, errors.QueueFull) and self._closed is None:
+                self._reroute_locked(job, now)       # nothing local is up: the cloud route, now
+            elif err is not None:
                 self._finish_locked(job, Outcome.REJECTED, err)
                 finished = job
             elif job.model not in self._queues:       # cloud: no gate, no queue
@@ -342,8 +347,13 @@ class Scheduler:
                         headers={"X-Queue-Position": str(self._position_locked(job, now))})
                     self._finish_locked(job, Outcome.TIMEOUT, err)
                     break
+                if job.fallback_at is not None and now >= job.fallback_at:
+                    self._reroute_locked(job, now)
+                    return
                 due = next_tick - now if tick is not None else remaining
-                if due <= 0:
+                if job.fallback_at is not None:
+                    due = min(due, job.fallback_at - now)
+                if due <= 0 and tick is not None:
                     position = self._position_locked(job, now)
             if tick is not None and due <= 0:
                 tick(position)           # outside the lock: it writes to the client's socket
@@ -371,6 +381,26 @@ class Scheduler:
             self._notify_finished([job])
         else:
             hook()
+
+    def reroute(self, job: Job) -> None:
+        """Move a job off its gate to the cloud route (fallback): its slot is freed, it stays one job."""
+        with self._lock:
+            if job.state is not JobState.DONE:
+                self._reroute_locked(job, self._clock())
+
+    def _reroute_locked(self, job: Job, now: float) -> None:
+        if job.state is JobState.QUEUED:
+            self._remove_locked(job)
+        elif job.state is JobState.GRANTED and job.backend is not None:
+            b = self._backends[job.backend]
+            b.inflight -= 1
+            b.gate.inflight -= 1
+            self._work.notify()
+        job.backend = job.gate = None
+        job.rerouted = True
+        job.state = JobState.GRANTED
+        job.granted_at = job.granted_at or now
+        self._active[job.id] = job
 
     def attach(self, job: Job, hook: Callable[[], None]) -> None:
         """Register how to abort a granted job's upstream call; raises Cancelled if its client already left."""
@@ -405,6 +435,10 @@ class Scheduler:
                             f"backend {backend!r} for model {model!r} went down; retry when it is back",
                             retry_after=5)
                         for job in [j for q in self._queues[model] for j in q]:
+                            if job.fallback_at is not None:
+                                self._reroute_locked(job, self._clock())
+                                job._signal.set()
+                                continue
                             self._finish_locked(job, Outcome.ERROR, err)
                             failed.append(job)
             self._work.notify()

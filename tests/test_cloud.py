@@ -174,3 +174,50 @@ def test_cli_route_end_to_end(make_app, backend, tmp_path, monkeypatch):
     status, _, body = call(app, "POST", "/v1/query", {"model": "cloud", "prompt": "--version"})
     assert status == 200 and body["result"] == "cli answer" and body["source"] == "cloud"
     assert json.loads((tmp_path / "argv.json").read_text())[-2:] == ["--", "--version"]
+
+
+def fallback_toml(url: str, after: float) -> str:
+    return f"""
+[[backends]]
+name = "local"
+url = "{url}"
+[[models]]
+name = "fast"
+backends = ["local"]
+fallback = "cloud"
+fallback_after_s = {after}
+"""
+
+
+def test_fallback_to_cloud_when_no_local_slot_in_time(make_app, backend, anthropic_api):
+    app = make_app(api_env(anthropic_api), toml=fallback_toml(backend.url, 0.3))
+    backend.holding = True
+    t = threading.Thread(target=call, args=(app, "POST", "/v1/query", {"model": "fast", "prompt": "local"}))
+    t.start()
+    assert backend.wait_arrivals(1)
+    status, headers, body = call(app, "POST", "/v1/query", {"model": "fast", "prompt": "overflow"})
+    assert status == 200 and body["source"] == "cloud" and body["result"] == "Hello from Claude"
+    status, headers, body = call(app, "POST", "/v1/chat/completions",
+                                 {"model": "fast", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and headers["X-Sluice-Backend"] == "cloud"
+    assert body["choices"][0]["message"]["content"] == "Hello from Claude"
+    backend.release_all()
+    t.join(10)
+    assert backend.prompts() == ["local"]
+    q = call(app, "GET", "/v1/queue/status")[2]
+    assert q["total_served"] == 3 and q["total_timeouts"] == 0 and q["pending"] == 0
+
+
+def test_fallback_when_the_local_backend_refuses(make_app, anthropic_api):
+    import socket
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    app = make_app({**api_env(anthropic_api), "SLUICE_HEALTH_INTERVAL_S": 60},
+                   toml=fallback_toml(f"http://127.0.0.1:{port}/v1", 30), wait_ready=False)
+    # whether the probe has marked it down yet or the forward is refused first, the answer comes from the cloud
+    for _ in range(2):
+        status, _, body = call(app, "POST", "/v1/query", {"model": "fast", "prompt": "x"})
+        assert status == 200 and body["source"] == "cloud"
+    assert call(app, "GET", "/v1/queue/status")[2]["total_served"] == 2
