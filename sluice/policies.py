@@ -4,17 +4,20 @@ The scheduler builds a `GateView` under its lock and asks `decide()` which model
 resident one (keep serving), another (drain, then switch), or None (nothing waits). Rules every policy
 honours, in this order:
 
-1. a job of another model that has waited `max_wait_s` wins (checked by time: see `next_deadline`);
-2. a P0 job of another model wins over a resident model with no P0 work (priority first);
-3. `min_active_s`: a freshly woken model keeps the gate until it served a job and min_active_s passed,
-   so A<->B cannot livelock;
+0. a freshly woken model serves at least one of its waiting jobs before anything can take the gate
+   away (without this, two models with overdue jobs would swap forever and serve nothing);
+1. a P0 job of another model wins over a resident model with no P0 work (priority first);
+2. a job of another model that has waited `max_wait_s` wins (checked by time: see `next_deadline`),
+   unless the resident's own oldest job is about as late (within a round trip of switches, capped at
+   max_wait_s): so no job waits much past 2 x max_wait_s, and overload does not turn into thrash;
+3. `min_active_s`: otherwise the woken model keeps the gate until min_active_s passed, so A<->B cannot
+   thrash;
 then the policy itself:
 - `fifo`: the model of the best waiting job (priority, then arrival);
-- `cost-aware`: keep the resident model while it has work, unless another model's waiting work outweighs
-  the resident's own waiting work by more than the round trip the switch forces (resident -> other ->
-  back, each the EMA of measured switch seconds), or a job more urgent than all of the resident's waits;
-  work = job-seconds already waited (sum of ages). Weighing against the resident's own backlog and the
-  way back is what stops A<->B thrash;
+- `cost-aware`: keep the resident model while it has work (coalescing its requests), unless a job more
+  urgent than all of the resident's waits; when the resident has nothing left, wake the model whose
+  waiting work (job-seconds already waited) minus the measured cost of switching to it (EMA per pair,
+  seeded by config) is largest. With unequal switch costs it prefers the cheap neighbour;
 - `drain-first`: finish the resident model's queue, then the model with the most urgent job (ties: the
   oldest wait).
 """
@@ -72,18 +75,24 @@ def _best(jobs) -> Waiting:
     return min(jobs, key=lambda w: (w.priority, w.seq))
 
 
-def _overrides(view: GateView) -> str | None:
-    """Rules 1 and 2, shared by every policy: an overdue job, or a P0 the resident model cannot match."""
+def _overrides(view: GateView, costs: SwitchCosts) -> str | None:
+    """Rules 1 and 2, shared by every policy: a P0 the resident model cannot match, then an overdue job
+    that has waited longer than the resident's own oldest by more than the round trip (under overload
+    everything is overdue; switching for each late job would serve nothing but switches)."""
     others = [w for w in view.waiting if w.model != view.resident]
     if not others:
         return None
+    mine = [w for w in view.waiting if w.model == view.resident]
+    best_other = _best(others)
+    if best_other.priority == 0 and min((w.priority for w in mine), default=5) > 0:
+        return best_other.model
     overdue = [w for w in others if view.now - w.enqueued_at >= view.max_wait_s]
     if overdue:
-        return min(overdue, key=lambda w: (w.enqueued_at, w.seq)).model
-    best_other = _best(others)
-    mine = [w.priority for w in view.waiting if w.model == view.resident]
-    if best_other.priority == 0 and min(mine, default=5) > 0:
-        return best_other.model
+        oldest = min(overdue, key=lambda w: (w.enqueued_at, w.seq))
+        my_oldest = min((w.enqueued_at for w in mine), default=view.now)
+        margin = min(_round_trip(costs, view.resident, oldest.model), view.max_wait_s)
+        if not mine or my_oldest - oldest.enqueued_at > margin:
+            return oldest.model
     return None
 
 
@@ -107,43 +116,43 @@ def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
         return None
     if view.resident is None:
         return _best(view.waiting).model
-    forced = _overrides(view)
+    mine = [w for w in view.waiting if w.model == view.resident]
+    if mine and view.served_since_switch < 1:
+        return view.resident
+    forced = _overrides(view, costs)
     if forced is not None:
         return forced
-    mine = [w for w in view.waiting if w.model == view.resident]
     if mine and _settling(view):
         return view.resident
     if policy == "fifo":
         return _best(view.waiting).model
     if not mine:
+        if policy == "cost-aware" and min(w.priority for w in view.waiting) == max(w.priority for w in view.waiting):
+            return _next_by_cost(view, costs)
         return min(view.waiting, key=lambda w: (w.priority, w.enqueued_at, w.seq)).model
     if policy == "drain-first":
         return view.resident
-    # cost-aware
+    # cost-aware: a more urgent job elsewhere switches now; otherwise the resident keeps the gate while it
+    # has work, and then the model whose waiting work best repays its switch cost goes next.
     best_other = _best([w for w in view.waiting if w.model != view.resident] or mine)
     if best_other.model != view.resident and best_other.priority < min(w.priority for w in mine):
         return best_other.model
-    own = _work(view, view.resident)
-    others = {w.model for w in view.waiting} - {view.resident}
-    heavy = [(m, _work(view, m)) for m in others if _work(view, m) > own + _round_trip(costs, view.resident, m)]
-    if heavy:
-        return max(heavy, key=lambda mw: (mw[1], -min(w.seq for w in view.waiting if w.model == mw[0])))[0]
     return view.resident
+
+
+def _next_by_cost(view: GateView, costs: SwitchCosts) -> str:
+    """The model to wake when the resident has nothing left: waiting work (job-seconds) minus the cost
+    of getting there; ties go to the oldest wait."""
+    models = {w.model for w in view.waiting}
+    oldest = {m: min(w.enqueued_at for w in view.waiting if w.model == m) for m in models}
+    return max(models, key=lambda m: (_work(view, m) - costs.get(view.resident, m), -oldest[m]))
 
 
 def next_deadline(view: GateView, costs: SwitchCosts | None = None) -> float | None:
     """The earliest time after `now` at which `decide` could answer differently with no new arrival:
-    a job turning overdue, the settling period ending, or (cost-aware) waiting work crossing the cost."""
+    a job of another model turning overdue, or the settling period ending."""
     times = [w.enqueued_at + view.max_wait_s for w in view.waiting if w.model != view.resident]
     if view.resident is not None:
         times.append(view.resident_since + view.min_active_s)
-        if costs is not None:
-            mine = [w.enqueued_at for w in view.waiting if w.model == view.resident]
-            for m in {w.model for w in view.waiting} - {view.resident}:
-                theirs = [w.enqueued_at for w in view.waiting if w.model == m]
-                # sum(t - e_m) - sum(t - e_r) = cost  =>  t = (cost + sum(e_m) - sum(e_r)) / (n_m - n_r)
-                if len(theirs) > len(mine):
-                    cost = _round_trip(costs, view.resident, m)
-                    times.append((cost + sum(theirs) - sum(mine)) / (len(theirs) - len(mine)))
     future = [t for t in times if t > view.now]
     return min(future) if future else None
