@@ -67,7 +67,9 @@ def serve(args, settings: Settings | None = None, ready: threading.Event | None 
     while True:
         wake.wait()
         wake.clear()
-        signums, pending[:] = list(pending), []
+        signums = []
+        while pending:                      # pop one by one: a signal may land while we read
+            signums.append(pending.pop(0))
         if signal.SIGTERM in signums or signal.SIGINT in signums:
             break
         try:
