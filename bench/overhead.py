@@ -69,12 +69,15 @@ def loadgen(peers: Path, url: str, mode: str, c: int, n: int, t: float, model: s
     return json.loads(lines[-1])
 
 
-def start_sluice(backends: dict[str, str], workdir: Path, slots: int = 64) -> tuple[subprocess.Popen, int]:
+def start_sluice(backends: dict[str, str], workdir: Path, slots: int = 64,
+                 models: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    models = models or {}
     port = free_port()
     toml = f'[[gates]]\nname = "gpu"\nslots = {slots}\n'
     for name, url in backends.items():
         toml += f'[[backends]]\nname = "{name}"\nurl = "{url}"\n[[models]]\nname = "{name}"\n' \
-                f'upstream_model = "fake-model"\nbackends = ["{name}"]\n'
+                f'upstream_model = "{models.get(name, "fake-model")}"\nbackends = ["{name}"]\n'
+    workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "sluice.toml"
     cfg.write_text(toml)
     env = {**os.environ, "SLUICE_CONFIG": str(cfg), "SLUICE_PORT": str(port), "SLUICE_LOG_DIR": str(workdir / "logs"),
@@ -196,8 +199,8 @@ def mlx_bench(work: Path, reps: int) -> list:
     except ImportError:
         return []
     server = DirectServer(build(work / "tiny"), work)
-    sluice, sport = start_sluice({"mlx": server.url}, work / "s2", slots=4)
     model = str(work / "tiny")
+    sluice, sport = start_sluice({"mlx": server.url}, work / "s2", slots=4, models={"mlx": model})
 
     def one(port, stream):
         body = json.dumps({"model": model if port == server.port else "mlx", "max_tokens": 16, "temperature": 0,
