@@ -119,7 +119,7 @@ class Api:
         return model.name
 
     def priority(self, h: Handler, body: dict) -> int:
-        if "priority" in body:
+        if body.get("priority") is not None:
             return _int_field(body, "priority", 0, 4)
         header = h.headers.get("X-Sluice-Priority")
         if header is None:

@@ -276,6 +276,8 @@ class Scheduler:
     # ---- submission and waiting (request threads) -------------------------------------------------
     def submit(self, job: Job) -> None:
         """Admit `job` (granting it at once when its gate is idle) or raise the error that refuses it."""
+        if not (type(job.priority) is int and 0 <= job.priority < LEVELS):
+            raise ValueError(f"job priority must be an int 0..{LEVELS - 1}, got {job.priority!r}")  # before counting
         finished = None
         with self._lock:
             now = self._clock()
@@ -389,13 +391,7 @@ class Scheduler:
                 self._reroute_locked(job, self._clock())
 
     def _reroute_locked(self, job: Job, now: float) -> None:
-        if job.state is JobState.QUEUED:
-            self._remove_locked(job)
-        elif job.state is JobState.GRANTED and job.backend is not None:
-            b = self._backends[job.backend]
-            b.inflight -= 1
-            b.gate.inflight -= 1
-            self._work.notify()
+        self._let_go_locked(job)
         job.backend = job.gate = None
         job.rerouted = True
         job.state = JobState.GRANTED
@@ -454,7 +450,8 @@ class Scheduler:
         self._queues[job.model][job.priority].remove(job, granted)
         self._depth -= 1
 
-    def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
+    def _let_go_locked(self, job: Job) -> None:
+        """Take a job out of its queue, or give back the slot it holds."""
         if job.state is JobState.QUEUED:
             self._remove_locked(job)
         elif job.state is JobState.GRANTED and job.backend is not None:
@@ -463,6 +460,9 @@ class Scheduler:
             b.gate.inflight -= 1
             if self._depth or b.gate.exclusive:     # wake the dispatcher only when a grant may follow
                 self._work.notify()
+
+    def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
+        self._let_go_locked(job)
         if self._active.pop(job.id, None) is not None and not self._active:
             self._idle.notify_all()
         job.state = JobState.DONE
@@ -699,10 +699,3 @@ class Scheduler:
                 "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
                                       "gate": b.gate.name, "current": b.current} for b in self._backends.values()},
             }
-
-    def position(self, job: Job) -> int | None:
-        """1-based place of a queued job among all waiting jobs, or None once it left the queue."""
-        with self._lock:
-            if job.state is not JobState.QUEUED:
-                return None
-            return self._position_locked(job, self._clock())

@@ -12,10 +12,7 @@ from fakes import FakeBackend
 from sluice import config
 from sluice.app import App
 
-try:
-    from mlx_backend import mlx_server, tiny_model_dir  # noqa: F401  (session fixtures)
-except ImportError:  # pragma: no cover - the module is part of the suite
-    pass
+from mlx_backend import mlx_server, tiny_model_dir  # noqa: F401  (session fixtures, skipped without mlx-lm)
 
 
 def base_env(tmp_path, **extra) -> dict[str, str]:

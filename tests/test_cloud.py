@@ -4,7 +4,6 @@ OpenAI <-> Messages translation."""
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from pathlib import Path
 

@@ -74,7 +74,7 @@ def send(app, method: str, path: str, headers: dict, body: bytes | None) -> int:
         conn.close()
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
        path=st.sampled_from(PATHS), body=bodies,
        headers=st.dictionaries(st.sampled_from(["X-Sluice-Priority", "X-Request-Id", "Content-Type",
@@ -84,7 +84,7 @@ def test_generated_requests_never_500(fuzz_app, method, path, body, headers):
     assert status < 500 or status in ALLOWED_5XX, (method, path, body[:80], status)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(body=body_dict, stream=st.booleans(), path=st.sampled_from(["/v1/query", "/v1/chat/completions",
                                                                   "/v1/completions", "/v1/embeddings"]))
 def test_generated_bodies_on_the_json_routes(fuzz_app, body, stream, path):
@@ -95,7 +95,7 @@ def test_generated_bodies_on_the_json_routes(fuzz_app, body, stream, path):
     assert status < 500 or status in ALLOWED_5XX, (path, body, status)
 
 
-@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(raw=st.one_of(st.binary(max_size=300),
                      st.builds(lambda m, p, h: m + b" " + p + b" HTTP/1.1\r\n" + h + b"\r\n",
                                st.sampled_from([b"GET", b"POST", b"G\x00T", b""]),

@@ -314,3 +314,13 @@ def test_backend_error_status_passes_through_and_5xx_is_502(app):
     assert status == 502 and body["error"]["type"] == "api_error" and headers["X-Request-Id"]
     status, _, body = call(app, "POST", "/v1/chat/completions", chat_body("!garbage"))
     assert status == 502 and "invalid JSON" in body["error"]["message"]
+
+
+def test_null_priority_means_the_default(app, backend):
+    # found by the fuzzer: {"priority": null} once reached the queue as None
+    for path, body in (("/v1/embeddings", {"model": "fast", "input": "x", "priority": None}),
+                       ("/v1/chat/completions", chat_body(priority=None)),
+                       ("/v1/query", {"model": "fast", "prompt": "x", "priority": None})):
+        assert call(app, "POST", path, body)[0] == 200
+    assert [a.get("priority") for a in backend.arrivals] == [None, None, None]
+    totals_add_up(app)
