@@ -38,8 +38,11 @@ def test_slowloris_client_is_dropped_and_others_are_served(make_app, backend):
 def test_connection_cap_answers_503_at_once(make_app, backend):
     app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
                     "SLUICE_MAX_CONNECTIONS": 2})
+    deadline = time.monotonic() + 10
+    while app.server.connections:                # the readiness checks' connections are gone first
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     idle = [socket.create_connection(("127.0.0.1", app.port)) for _ in range(2)]
-    deadline = time.monotonic() + 5
     while app.server.connections < 2:
         assert time.monotonic() < deadline
         time.sleep(0.01)
