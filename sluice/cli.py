@@ -93,6 +93,11 @@ def show_config(args) -> int:
         out[f.name] = {"value": str(v) if isinstance(v, Path) else v,
                        "source": s.sources.get(f.name, "default"),
                        **({"env": SCALARS[f.name][0]} if f.name in SCALARS else {})}
+    from sluice.supervisor import ram_tier_idle_s, total_memory_bytes
+    mem = total_memory_bytes()
+    out["ram_tier"] = {"total_memory_gb": round(mem / 1e9, 1) if mem else None,
+                       "idle_unload_default_s": ram_tier_idle_s(mem),
+                       "note": ">= 64 GB: 600 s; 24-63 GB: 300 s; < 24 GB: 180 s (backends.*.idle_unload_s overrides)"}
     out["keys"] = [{"name": k.name, "key": "***", "admin": k.admin, "max_priority": k.max_priority,
                     "models": list(k.models), "max_queued": k.max_queued} for k in s.keys]
     for key in ("gates", "backends", "models"):

@@ -197,6 +197,16 @@ class FakeBackend:
             return h._json(200, None, raw=b"{not json")
         if mode == "notobject":
             return h._json(200, [1, 2])
+        if mode == "html":
+            data = b"<html><body>502 Bad Gateway from some proxy</body></html>"
+            h.send_response(200)
+            h.send_header("Content-Type", "text/html")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        if mode == "endless":
+            return self._endless(h)
         if mode == "reset":
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             h.close_connection = True
@@ -254,6 +264,20 @@ class FakeBackend:
             self._chunk(h, b"data: " + json.dumps(usage).encode() + b"\n\n")
             self._chunk(h, b"data: [DONE]\n\n")
             h.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self._client_left()
+
+    def _endless(self, h) -> None:
+        """An SSE stream that never ends: an event every 20 ms until the client goes away."""
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        try:
+            while not self._stopping:
+                self._chunk(h, b'data: {"choices":[{"delta":{"content":"la "}}]}\n\n')
+                if self._wait_or_leave(h, 0.02):
+                    return
         except OSError:
             self._client_left()
 

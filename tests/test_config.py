@@ -121,3 +121,16 @@ def test_cli_config_masks_secrets(tmp_path):
                        env={"SLUICE_API_KEYS": "supersecretkey", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert "supersecretkey" not in r.stdout and '"source": "env"' in r.stdout
+
+
+def test_cli_config_shows_the_ram_tier():
+    import json
+    r = subprocess.run([sys.executable, "-m", "sluice", "config"], capture_output=True, text=True, timeout=30,
+                       env={"PATH": "/usr/bin:/bin"})
+    tier = json.loads(r.stdout)["ram_tier"]
+    assert tier["idle_unload_default_s"] in (180, 300, 600) and tier["total_memory_gb"] > 0
+
+
+def test_ram_tiers():
+    from sluice.supervisor import ram_tier_idle_s
+    assert [ram_tier_idle_s(g * 10 ** 9) for g in (8, 24, 63, 64, 128)] == [180, 300, 300, 600, 600]

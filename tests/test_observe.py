@@ -68,3 +68,16 @@ def test_admin_status_shape(app, backend):
     assert doc["queue"]["by_priority"] == {str(p): 0 for p in range(5)}
     assert doc["recent"][-1]["model"] == "fast"
     assert {m["name"]: m["aliases"] for m in doc["models"]} == {"reasoning": [], "fast": ["tiny"]}
+
+
+def test_query_cli_prints_the_answer_and_streams(app):
+    env = {**os.environ, "SLUICE_URL": app.url}
+    r = subprocess.run([sys.executable, "-m", "sluice", "query", "fast", "hello there", "--priority", "1"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "echo: hello there"
+    r = subprocess.run([sys.executable, "-m", "sluice", "query", "fast", "hi", "--stream", "--url", app.url],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "t0 t1 t2"
+    r = subprocess.run([sys.executable, "-m", "sluice", "query", "fast", "x", "--url", "http://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "sluice status" in r.stderr

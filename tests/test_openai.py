@@ -324,3 +324,20 @@ def test_null_priority_means_the_default(app, backend):
         assert call(app, "POST", path, body)[0] == 200
     assert [a.get("priority") for a in backend.arrivals] == [None, None, None]
     totals_add_up(app)
+
+
+def test_endless_upstream_stream_is_cut_at_the_deadline(make_app, backend):
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
+                    "SLUICE_QUEUE_TIMEOUT": 1})
+    lines = RawStream(app, chat_body("!endless", stream=True)).read_all()
+    data = [l for l in lines if l.startswith(b"data: ")]
+    assert data[-1] == b"data: [DONE]\n" and json.loads(data[-2][6:])["error"]["type"] == "timeout_error"
+    assert backend.wait_disconnects(1)                  # sluice hung up on the endless stream
+    assert call(app, "POST", "/v1/chat/completions", chat_body("next"))[0] == 200
+
+
+def test_wrong_content_type_from_upstream_is_502(app):
+    status, _, body = call(app, "POST", "/v1/query", {"model": "fast", "prompt": "!html"})
+    assert status == 502 and "invalid JSON" in body["error"]
+    status, _, body = call(app, "POST", "/v1/chat/completions", chat_body("!html"))
+    assert status == 502
