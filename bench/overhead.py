@@ -181,7 +181,7 @@ def main() -> int:
     lines = [f"sluice overhead, {reps} repetition(s), medians; {os.cpu_count()} cores shared by load generator, "
              "backend and sluice", "", "| metric | direct | sluice | sluice - direct (paired) |", "|---|---|---|---|"]
     lines += [f"| {m} | {d:.3f} | {s:.3f} | {o} |" for m, d, s, o in rows + mlx_rows]
-    lines += ["", f"sluice CPU per request: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cpu.items()),
+    lines += ["", "sluice CPU per request: " + ", ".join(f"{k} {v:.3f} ms" for k, v in cpu.items()),
               f"sluice RSS: idle {idle_rss:.1f} MB, after the runs {busy_rss:.1f} MB"]
     text = "\n".join(lines)
     print(text)

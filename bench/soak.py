@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -87,8 +88,9 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, text=True)
     port = 0
     for line in daemon.stderr:
-        if "listening on http://127.0.0.1:" in line:
-            port = int(line.rsplit(":", 1)[1])
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            port = int(m.group(1))
             break
     threading.Thread(target=lambda: [None for _ in daemon.stderr], daemon=True).start()  # keep the pipe drained
 
@@ -119,7 +121,9 @@ def main() -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("POST", "/v1/query", json.dumps({"model": "fast", "prompt": "still there?"}),
                  {"Content-Type": "application/json"})
-    final = conn.getresponse().status
+    resp = conn.getresponse()
+    resp.read()
+    final = resp.status
     conn.request("GET", "/v1/queue/status")
     q = json.loads(conn.getresponse().read())
     balanced = q["total_received"] == (q["total_served"] + q["total_rejected"] + q["total_timeouts"]

@@ -183,9 +183,7 @@ class Api:
         try:
             ex = up.open("POST", path, json.dumps(body).encode(), deadline,
                          on_open=lambda ex: self.scheduler.attach(job, ex.abort))
-        except errors.BadGateway as e:
-            if "refused" not in e.message:
-                raise
+        except errors.BackendRefused:
             self._refused(job.backend)
             if job.fallback_at is None:
                 raise

@@ -71,6 +71,10 @@ class BadGateway(SluiceError):
     status, code = 502, "backend_error"
 
 
+class BackendRefused(BadGateway):
+    """The backend refused the connection: nothing was sent, so the request may safely go elsewhere."""
+
+
 class Unavailable(SluiceError):
     """Nothing can serve this now (no backend ready, cloud not configured, shutting down)."""
     status, code, native_status = 503, "unavailable", "unavailable"

@@ -266,7 +266,7 @@ class Upstream:
                 conn = Conn(self.host, self.port, self._https, remaining)
             except ConnectionRefusedError:
                 if attempt == 2:      # refused before anything was sent: the one case safe to try again
-                    raise errors.BadGateway(f"backend {self.name!r} at {self.url} refused the connection; "
+                    raise errors.BackendRefused(f"backend {self.name!r} at {self.url} refused the connection; "
                                             "is the inference server running?") from None
             except OSError as e:
                 if isinstance(e, TimeoutError):
