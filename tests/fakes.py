@@ -104,35 +104,24 @@ class FakeBackend:
             self.holding = False
             self._cond.notify_all()
 
-    def wait_arrivals(self, n: int, timeout: float = 5.0) -> bool:
+    def _wait_for(self, pred, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self.arrivals) < n:
+            while not pred():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cond.wait(left)
             return True
+
+    def wait_arrivals(self, n: int, timeout: float = 5.0) -> bool:
+        return self._wait_for(lambda: len(self.arrivals) >= n, timeout)
 
     def wait_disconnects(self, n: int = 1, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len(self.disconnects) < n:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+        return self._wait_for(lambda: len(self.disconnects) >= n, timeout)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.current:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+        return self._wait_for(lambda: self.current == 0, timeout)
 
     def prompts(self) -> list[str]:
         return [_text(b) for b in self.arrivals]
