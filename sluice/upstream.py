@@ -108,8 +108,10 @@ class Exchange:
         self._chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         if not self._chunked and "content-length" in headers:
             self._length = int(headers["content-length"])
-        self._will_close = headers.get("connection", "").lower() == "close" or \
-            (not self._chunked and self._length is None)
+        conn = headers.get("connection", "").lower()
+        # HTTP/1.0 servers (mlx_lm.server is one) close after each response unless they say keep-alive
+        self._will_close = conn == "close" or (not self._chunked and self._length is None) or \
+            (line.startswith(b"HTTP/1.0") and conn != "keep-alive")
         if status in (204, 304) or self._length == 0:
             self._length, self._done = 0, True
 
