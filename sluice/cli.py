@@ -65,7 +65,10 @@ def serve(args, settings: Settings | None = None, ready: threading.Event | None 
         ready.set()
     log = logging.getLogger("sluice")
     while True:
-        wake.wait()
+        # A timeout, not a bare wait: the kernel may deliver a signal to another thread, and Python runs
+        # the handler only when the main thread next executes, so the main thread must wake up now and then.
+        if not wake.wait(0.5):
+            continue
         wake.clear()
         signums = []
         while pending:                      # pop one by one: a signal may land while we read
