@@ -71,9 +71,17 @@ class FakeBackend:
                     outer.violations.append(f"request for {body.get('model')} while asleep")
                     return self._json(503, {"error": "asleep"})
                 outer._enter(self.path, body)
+                self.in_flight = True
                 try:
                     outer._serve(self, body)
                 finally:
+                    self.done()
+
+            def done(self):
+                """The request stops counting as in flight just before its last bytes go out: a client
+                cannot send its next request before it has them all, so any overlap seen is real."""
+                if getattr(self, "in_flight", False):
+                    self.in_flight = False
                     outer._leave()
 
             def _json(self, status, obj, raw=None):
@@ -82,6 +90,7 @@ class FakeBackend:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                self.done()
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -252,6 +261,7 @@ class FakeBackend:
                      "usage": {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": 5 + n}}
             self._chunk(h, b"data: " + json.dumps(usage).encode() + b"\n\n")
             self._chunk(h, b"data: [DONE]\n\n")
+            h.done()
             h.wfile.write(b"0\r\n\r\n")
         except OSError:
             self._client_left()
