@@ -1,41 +1,75 @@
 """Switch policies for an exclusive gate: pure functions of a snapshot, so they are tested without threads.
 
-The scheduler builds a `GateView` under its lock and asks `decide()` which model to serve next: the
-resident one (keep serving), another (drain, then switch), or None (nothing waits). Rules every policy
-honours, in this order:
+An exclusive gate holds one model at a time; switching means draining the in-flight requests, sleeping
+the old model and waking the new one, which costs seconds. The scheduler builds a `GateView` under its
+lock and asks `decide()` which model's job to grant next:
 
-0. a freshly woken model serves at least one of its waiting jobs before anything can take the gate
-   away (without this, two models with overdue jobs would swap forever and serve nothing);
-1. a P0 job of another model wins over a resident model with no P0 work (priority first);
-2. a job of another model that has waited `max_wait_s` wins (checked by time: see `next_deadline`),
-   unless the resident's own oldest job is about as late (within a round trip of switches, capped at
-   max_wait_s): so no job waits much past 2 x max_wait_s, and overload does not turn into thrash;
-3. `min_active_s`: otherwise the woken model keeps the gate until min_active_s passed, so A<->B cannot
-   thrash;
-then the policy itself:
-- `fifo`: the model of the best waiting job (priority, then arrival);
-- `cost-aware`: keep the resident model while it has work (coalescing its requests), unless a job more
-  urgent than all of the resident's waits; when the resident has nothing left, wake the model whose
-  waiting work (job-seconds already waited) minus the measured cost of switching to it (EMA per pair,
-  seeded by config) is largest. With unequal switch costs it prefers the cheap neighbour;
-- `drain-first`: finish the resident model's queue, then the model with the most urgent job (ties: the
-  oldest wait).
+    the resident model  -> keep serving it (or keep it loaded while idle)
+    another model       -> drain, then switch to it
+    None                -> nothing waits
+
+Every policy obeys the same rules first, in this order (each says why):
+
+1. Nothing resident: wake the model of the best job (priority, then arrival); there is nothing to drain.
+2. Priority first: a P0 job of another model takes the gate as soon as the current requests drain,
+   unless the resident model has a P0 of its own waiting (that one goes first).
+3. Starvation bound, checked by time and not on arrival (llmux checked it only when a request arrived,
+   so a quiet gate let a job wait on): a job of another model that has waited `max_wait_s` takes the
+   gate, unless the resident's own oldest job has waited nearly as long (less than max_wait_s less).
+   Under overload every job is late; switching for each one would spend the GPU on switches and make
+   the overload worse, so then each model keeps the gate for a max_wait_s window of its backlog. While
+   the resident has a P0 waiting, only an overdue P0 elsewhere counts. `next_deadline()` tells the
+   scheduler when to look again.
+4. Settling: a freshly woken model keeps the gate until it has served one job it was woken for and
+   `min_active_s` has passed (even while idle: that is what keeps a model warm between bursts). Only
+   rules 2 and 3 override it.
+
+None of this can livelock (switch back and forth, serving nothing): the model rule 2 switches to holds
+a P0, which blocks rules 2 and 3 until it is served; the model rule 3 switches to holds the oldest job,
+older than anything elsewhere; any other switch is followed by rule 4.
+
+Then the policy itself:
+
+- `fifo`: the model of the best waiting job (priority, then arrival). Thrashes on interleaved arrivals;
+  it is the baseline (llmux's and llama-swap's behaviour).
+- `drain-first`: serve the resident model while it has waiting jobs; then the model with the most urgent
+  job, ties broken by the oldest wait.
+- `cost-aware`: Smith's rule over per-model batches with switch times. A model's *work* is the
+  priority-weighted service time of its waiting jobs: sum of weight(priority) x service(model), with
+  weight 2**(4 - priority) (each level counts twice the next) and service(model) the measured seconds a
+  job holds a slot (`SwitchCosts.service`). Its index is work per second of GPU time, counting the
+  switch needed to reach it:
+
+      index(m) = sum(weight) / (count(m) x service(m) + switch seconds)
+
+  The resident needs no switch. Another model is charged the round trip while the resident still has
+  work (those jobs will wait for the switch back) and the one-way switch when it has none. The gate
+  goes to the highest index, ties to the oldest wait, then the model name; leaving the resident for o
+  lowers the total weighted waiting exactly when index(o) > index(resident). Consequences: with equal
+  priorities the resident keeps the gate while it has work, so interleaved requests coalesce; a more
+  urgent job elsewhere wins only when its urgency repays the round trip (a P0 always does, rule 2);
+  when the resident runs dry, cheap switches and big or urgent queues go first.
+
+Switch and service times are exponential moving averages of measurements (`SwitchCosts`), seeded
+from the configuration. `inflight` is carried for the scheduler (it drains before switching).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 POLICIES = ("fifo", "cost-aware", "drain-first")
 
 
 @dataclass(frozen=True)
 class Waiting:
+    """One runnable queued job on the gate. A cancelled or timed-out job is simply not here."""
     model: str
-    priority: int        # effective priority (aging applied), 0 = most urgent
-    seq: int
+    priority: int        # effective priority, aging already applied: 0 = most urgent .. 4
+    seq: int             # admission order, unique
     enqueued_at: float
 
 
@@ -44,115 +78,191 @@ class GateView:
     now: float
     resident: str | None
     inflight: int
-    resident_since: float
-    served_since_switch: int
+    resident_since: float          # when the resident model became resident (its wake finished)
+    served_since_switch: int       # jobs granted to the resident model since then
     waiting: tuple[Waiting, ...]
     max_wait_s: float
     min_active_s: float
 
 
 class SwitchCosts:
-    """Measured seconds per (from, to) switch, as an exponential moving average seeded from config."""
+    """What the gate has measured: seconds per switch (from, to) and seconds per job of each model.
+
+    Both are exponential moving averages. Until a pair is measured its switch cost is the configured guess
+    (`seeds[(from, to)]`, else `seed_s`); until a model has finished a job its service time is `service_s`.
+    The first measurement replaces the guess (a measurement beats a guess); later ones move the average by
+    `alpha`. `from` is None for a wake with nothing resident. Thread-safe: the scheduler reads under its
+    own lock while switch threads and finishing requests write.
+    """
 
     def __init__(self, seed_s: float = 5.0, alpha: float = 0.3,
-                 seeds: Mapping[tuple[str | None, str], float] | None = None):
-        self._seed = seed_s
+                 seeds: Mapping[tuple[str | None, str], float] | None = None, service_s: float = 2.0):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self._seed = float(seed_s)
+        self._service_seed = float(service_s)
         self._alpha = alpha
-        self._ema: dict[tuple[str | None, str], float] = dict(seeds or {})
+        self._guess = dict(seeds or {})
+        self._switch: dict[tuple[str | None, str], float] = {}
+        self._service: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def get(self, frm: str | None, to: str) -> float:
         with self._lock:
-            return self._ema.get((frm, to), self._seed)
+            ema = self._switch.get((frm, to))
+            return ema if ema is not None else self._guess.get((frm, to), self._seed)
 
     def observe(self, frm: str | None, to: str, seconds: float) -> None:
+        self._update(self._switch, (frm, to), seconds)
+
+    def service(self, model: str) -> float:
         with self._lock:
-            old = self._ema.get((frm, to))
-            self._ema[(frm, to)] = seconds if old is None else old + self._alpha * (seconds - old)
+            return self._service.get(model, self._service_seed)
+
+    def observe_service(self, model: str, seconds: float) -> None:
+        self._update(self._service, model, seconds)
+
+    def round_trip(self, frm: str | None, to: str) -> float:
+        """There and back: what leaving `frm` costs while it still has work."""
+        return self.get(frm, to) + (self.get(to, frm) if frm is not None else 0.0)
+
+    def _update(self, table: dict, key, seconds: float) -> None:
+        if not math.isfinite(seconds) or seconds < 0:
+            return                       # a clock glitch must not poison the average
+        with self._lock:
+            old = table.get(key)
+            table[key] = seconds if old is None else old + self._alpha * (seconds - old)
 
 
-def _best(jobs) -> Waiting:
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def _first(jobs: Iterable[Waiting]) -> Waiting:
+    """The best job: most urgent, then first admitted (the scheduler's own order)."""
     return min(jobs, key=lambda w: (w.priority, w.seq))
 
 
-def _overrides(view: GateView, costs: SwitchCosts) -> str | None:
-    """Rules 1 and 2, shared by every policy: a P0 the resident model cannot match, then an overdue job
-    that has waited longer than the resident's own oldest by more than the round trip (under overload
-    everything is overdue; switching for each late job would serve nothing but switches)."""
+def _oldest(jobs: Iterable[Waiting]) -> Waiting:
+    """The longest-waiting job, most urgent first: ties broken deterministically."""
+    return min(jobs, key=lambda w: (w.priority, w.enqueued_at, w.seq))
+
+
+def _split(view: GateView) -> tuple[list[Waiting], list[Waiting]]:
+    mine = [w for w in view.waiting if w.model == view.resident]
     others = [w for w in view.waiting if w.model != view.resident]
+    return mine, others
+
+
+# ---- rules every policy obeys ------------------------------------------------------------------------
+
+def _forced(view: GateView) -> str | None:
+    """Rules 2 and 3: a switch that overrides the policy and the settling period."""
+    mine, others = _split(view)
     if not others:
         return None
-    mine = [w for w in view.waiting if w.model == view.resident]
-    best_other = _best(others)
-    if best_other.priority == 0 and min((w.priority for w in mine), default=5) > 0:
-        return best_other.model
-    overdue = [w for w in others if view.now - w.enqueued_at >= view.max_wait_s]
-    if overdue:
-        oldest = min(overdue, key=lambda w: (w.enqueued_at, w.seq))
-        my_oldest = min((w.enqueued_at for w in mine), default=view.now)
-        margin = min(_round_trip(costs, view.resident, oldest.model), view.max_wait_s)
-        if not mine or my_oldest - oldest.enqueued_at > margin:
-            return oldest.model
+    if any(w.priority == 0 for w in mine):
+        # The resident's own P0 goes first; only a P0 elsewhere that has waited max_wait_s may still win.
+        mine = [w for w in mine if w.priority == 0]
+        others = [w for w in others if w.priority == 0]
+        if not others:
+            return None
+    else:
+        p0 = [w for w in others if w.priority == 0]
+        if p0:
+            return _oldest(p0).model
+    oldest = min(others, key=lambda w: (w.enqueued_at, w.seq))
+    if view.now - oldest.enqueued_at < view.max_wait_s:
+        return None
+    if not mine:
+        return oldest.model
+    # Overload guard: the resident's own backlog is nearly as old, so serve it; switching for each late
+    # job would spend the GPU on switches. The overdue job waits at most one more max_wait_s window.
+    if min(w.enqueued_at for w in mine) - oldest.enqueued_at > view.max_wait_s:
+        return oldest.model
     return None
 
 
 def _settling(view: GateView) -> bool:
-    """Rule 3: the resident model was just woken and has not yet had its turn."""
-    return view.served_since_switch < 1 or view.now - view.resident_since < view.min_active_s
+    """Rule 4: the woken model has not served a job it was woken for yet, or min_active_s has not passed.
+    A model whose jobs were all cancelled is held only for min_active_s (it has nothing to serve)."""
+    has_work = any(w.model == view.resident for w in view.waiting)
+    return (has_work and view.served_since_switch < 1) or view.now - view.resident_since < view.min_active_s
 
 
-def _work(view: GateView, model: str) -> float:
-    return sum(view.now - w.enqueued_at for w in view.waiting if w.model == model)
+# ---- the policies ------------------------------------------------------------------------------------
+
+def _fifo(view: GateView, costs: SwitchCosts) -> str:
+    return _first(view.waiting).model
 
 
-def _round_trip(costs: SwitchCosts, resident: str, other: str) -> float:
-    return costs.get(resident, other) + costs.get(other, resident)
+def _drain_first(view: GateView, costs: SwitchCosts) -> str:
+    mine, _ = _split(view)
+    if mine:
+        return view.resident                               # finish the resident queue
+    return _oldest(view.waiting).model                     # then the most urgent, oldest wait first
+
+
+def _weight(priority: int) -> float:
+    """What a job's urgency is worth: each level twice the next (P4 = 1 .. P0 = 16)."""
+    return 2.0 ** (4 - min(4, max(0, priority)))
+
+
+def _cost_aware(view: GateView, costs: SwitchCosts) -> str:
+    """Smith's rule over per-model batches with switch times: serve the batch that delivers the most
+    priority-weighted work per second of GPU time, counting the switch needed to reach it.
+
+    index(m) = sum of the weights of m's waiting jobs / (count x service(m) + switch seconds), where the
+    resident needs no switch and any other model is charged the round trip when the resident still has
+    work (its jobs will wait for the switch back) or the one-way switch when it has none. Leaving the
+    resident for o lowers the total weighted waiting exactly when index(o) > index(resident). With equal
+    priorities that never holds, so the resident keeps the gate while it has work: requests coalesce.
+    """
+    mine, others = _split(view)
+    r = view.resident
+    if not others:
+        return r
+    by_model: dict[str, list[Waiting]] = {}
+    for w in others:
+        by_model.setdefault(w.model, []).append(w)
+
+    def index(m: str, jobs: list[Waiting], switch_s: float) -> float:
+        return sum(_weight(w.priority) for w in jobs) / max(len(jobs) * costs.service(m) + switch_s, 1e-9)
+
+    keep = index(r, mine, 0.0) if mine else 0.0
+    scored = {m: index(m, jobs, costs.round_trip(r, m) if mine else costs.get(r, m))
+              for m, jobs in by_model.items()}
+    # highest index, then the oldest wait, then the name (sorted, and max keeps the first): deterministic
+    best = max(sorted(scored), key=lambda m: (scored[m], -min(w.enqueued_at for w in by_model[m])))
+    return best if scored[best] > keep else r
+
+
+_RULES: dict[str, Callable[[GateView, SwitchCosts], str]] = {
+    "fifo": _fifo, "cost-aware": _cost_aware, "drain-first": _drain_first}
 
 
 def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
-    if policy not in POLICIES:
+    """The model whose job the gate grants next: the resident (keep), another (drain, switch), None."""
+    rule = _RULES.get(policy)
+    if rule is None:
         raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
     if not view.waiting:
         return None
     if view.resident is None:
-        return _best(view.waiting).model
-    mine = [w for w in view.waiting if w.model == view.resident]
-    if mine and view.served_since_switch < 1:
-        return view.resident
-    forced = _overrides(view, costs)
+        return _first(view.waiting).model
+    forced = _forced(view)
     if forced is not None:
         return forced
-    if mine and _settling(view):
+    if _settling(view):
         return view.resident
-    if policy == "fifo":
-        return _best(view.waiting).model
-    if not mine:
-        if policy == "cost-aware" and min(w.priority for w in view.waiting) == max(w.priority for w in view.waiting):
-            return _next_by_cost(view, costs)
-        return min(view.waiting, key=lambda w: (w.priority, w.enqueued_at, w.seq)).model
-    if policy == "drain-first":
-        return view.resident
-    # cost-aware: a more urgent job elsewhere switches now; otherwise the resident keeps the gate while it
-    # has work, and then the model whose waiting work best repays its switch cost goes next.
-    best_other = _best([w for w in view.waiting if w.model != view.resident] or mine)
-    if best_other.model != view.resident and best_other.priority < min(w.priority for w in mine):
-        return best_other.model
-    return view.resident
-
-
-def _next_by_cost(view: GateView, costs: SwitchCosts) -> str:
-    """The model to wake when the resident has nothing left: waiting work (job-seconds) minus the cost
-    of getting there; ties go to the oldest wait."""
-    models = {w.model for w in view.waiting}
-    oldest = {m: min(w.enqueued_at for w in view.waiting if w.model == m) for m in models}
-    return max(models, key=lambda m: (_work(view, m) - costs.get(view.resident, m), -oldest[m]))
+    return rule(view, costs)
 
 
 def next_deadline(view: GateView, costs: SwitchCosts | None = None) -> float | None:
-    """The earliest time after `now` at which `decide` could answer differently with no new arrival:
-    a job of another model turning overdue, or the settling period ending."""
+    """The earliest time after `now` at which `decide` could answer differently with no new arrival,
+    grant or finish: a job of another model turning overdue (rule 3), or the settling period ending
+    (rule 4). None when no such time exists. (Aging is the scheduler's: it re-evaluates on its own.)"""
+    if not view.waiting or view.resident is None:
+        return None
     times = [w.enqueued_at + view.max_wait_s for w in view.waiting if w.model != view.resident]
-    if view.resident is not None:
-        times.append(view.resident_since + view.min_active_s)
+    times.append(view.resident_since + view.min_active_s)
     future = [t for t in times if t > view.now]
     return min(future) if future else None

@@ -462,6 +462,10 @@ class Scheduler:
                 self._work.notify()
 
     def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
+        if outcome is Outcome.OK and job.state is JobState.GRANTED and job.gate is not None \
+                and self._gates[job.gate].exclusive:
+            # cost-aware weighs each model's queue by how long its jobs hold the gate
+            self._costs[job.gate].observe_service(job.model, self._clock() - job.granted_at)
         self._let_go_locked(job)
         if self._active.pop(job.id, None) is not None and not self._active:
             self._idle.notify_all()

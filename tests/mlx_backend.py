@@ -1,76 +1,47 @@
-"""Session fixtures for a real mlx_lm.server on the tiny offline model (skipped where mlx-lm is absent)."""
+"""Session fixtures for a real mlx_lm.server on the tiny offline model (skipped where mlx-lm is absent).
+
+conftest imports them: `tiny_model_dir` (the model, built once) and `mlx_server` (a ready sluice.demo.MlxServer
+on it, stopped at the end of the session). `start_direct_server` starts another one for a single test.
+"""
 
 from __future__ import annotations
 
-import http.client
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import itertools
 from pathlib import Path
 
 import pytest
 
+from sluice.demo import MlxServer, start_mlx_server
 
-class DirectServer:
-    """An mlx_lm.server process the test suite started itself (not supervised by sluice)."""
+__all__ = ["tiny_model_dir", "mlx_server", "start_direct_server", "require_mlx"]
 
-    def __init__(self, model_dir: Path, workdir: Path, timeout: float = 90):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        cache = workdir / "hf-cache"
-        cache.mkdir(parents=True, exist_ok=True)     # must exist (and be empty), or /v1/models breaks
-        self.log = workdir / f"mlx-{self.port}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                                          "--host", "127.0.0.1", "--port", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self._healthy():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlx_lm.server did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-    def _healthy(self) -> bool:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-            conn.request("GET", "/health")
-            ok = conn.getresponse().status == 200
-            conn.close()
-            return ok
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+_logs = itertools.count()
 
 
-def start_direct_server(model_dir: Path, workdir: Path) -> DirectServer:
-    return DirectServer(model_dir, workdir)
+def require_mlx() -> None:
+    """Skip the calling test (or fixture) unless mlx-lm and its mlx backend can be imported."""
+    reason = "needs mlx-lm: pip install -e '.[mlx]'"
+    pytest.importorskip("mlx.core", reason=reason)       # Linux: the mlx[cpu] extra
+    pytest.importorskip("mlx_lm", reason=reason)
+
+
+def start_direct_server(model_dir: Path, workdir: Path, timeout: float = 120) -> MlxServer:
+    """A ready mlx_lm.server the test started itself (not supervised by sluice); its log stays in `workdir`
+    for a failed test's post-mortem. Call .stop() when done."""
+    workdir = Path(workdir)
+    return start_mlx_server(model_dir, log_path=workdir / f"mlx-{next(_logs)}.log", ready_timeout=timeout)
+
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    pytest.importorskip("mlx_lm", reason="needs mlx-lm: pip install -e '.[mlx]'")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    require_mlx()
     from sluice.tinymodel import build
     return build(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="session")
 def mlx_server(tiny_model_dir, tmp_path_factory):
-    server = DirectServer(tiny_model_dir, tmp_path_factory.mktemp("mlx"))
+    server = start_direct_server(tiny_model_dir, tmp_path_factory.mktemp("mlx"))
     yield server
     server.stop()

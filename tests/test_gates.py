@@ -102,6 +102,22 @@ def test_drain_before_switch_and_new_a_jobs_wait_not_503():
     assert granted(a2) == [True] and r.gate().switches == 3
 
 
+def test_finished_jobs_feed_the_measured_service_time_to_cost_aware():
+    r = Rig(policy="cost-aware")
+    costs = r.s._costs["gpu"]
+    seeded = costs.service("a")
+    a1 = r.submit("a")
+    r.dispatch(expect_switch=True)
+    r.clock.t += 7.0
+    r.s.finish(a1, Outcome.OK)
+    assert costs.service("a") == 7.0 != seeded        # the first measurement replaces the guess
+    a2 = r.submit("a")
+    r.dispatch()
+    r.clock.t += 3.0
+    r.s.finish(a2, Outcome.ERROR)                      # a failed job says nothing about service time
+    assert costs.service("a") == 7.0
+
+
 def test_drain_timeout_cancels_stragglers_with_a_clear_error():
     r = Rig(drain_timeout_s=30)
     a1 = r.submit("a")

@@ -1,121 +1,365 @@
-"""Switch policies as pure functions: each rule, each policy, the EMA, and the time-based deadline."""
+"""Switch policies as pure functions: each shared rule, each policy, the EMA, next_deadline, determinism,
+and the llmux defects (starvation checked only on arrival, A<->B livelock, cancelled jobs switching)."""
 
 from __future__ import annotations
 
+import math
+import random
+import threading
+
 import pytest
 
-from sluice.policies import GateView, SwitchCosts, Waiting, decide, next_deadline
+from sluice.policies import POLICIES, GateView, SwitchCosts, Waiting, decide, next_deadline
 
 
-def view(waiting, resident="a", now=100.0, served=5, since=0.0, max_wait=60.0, min_active=0.0, inflight=0):
-    order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])     # seq follows arrival
+def view(waiting=(), resident="a", now=100.0, served=5, since=0.0, max_wait=60.0, min_active=0.0, inflight=0):
+    """waiting: (model, priority, enqueued_at) tuples; seq follows arrival (then listing) order."""
+    order = sorted(range(len(waiting)), key=lambda i: (waiting[i][2], i))
     ws = tuple(Waiting(m, p, order.index(i), e) for i, (m, p, e) in enumerate(waiting))
     return GateView(now=now, resident=resident, inflight=inflight, resident_since=since, served_since_switch=served,
                     waiting=ws, max_wait_s=max_wait, min_active_s=min_active)
 
 
-COSTS = SwitchCosts(seed_s=10.0)
+def costs(seed=10.0, service=2.0, **pairs):
+    """pairs: ab=1.0 sets the a->b switch cost."""
+    return SwitchCosts(seed_s=seed, service_s=service, seeds={(k[0], k[1]): v for k, v in pairs.items()})
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost-aware", "drain-first"])
-def test_nothing_waiting_is_none_and_no_resident_takes_the_best(policy):
-    assert decide(policy, view([]), COSTS) is None
-    assert decide(policy, view([("b", 2, 99), ("c", 1, 99.5)], resident=None), COSTS) == "c"
+# ---- basics ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_nothing_waiting_is_none_and_nothing_resident_takes_the_best_job(policy):
+    assert decide(policy, view([]), costs()) is None
+    assert decide(policy, view([("b", 2, 99), ("c", 1, 99.5)], resident=None), costs()) == "c"
+    assert decide(policy, view([("b", 2, 99), ("c", 2, 99.5)], resident=None), costs()) == "b"
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost-aware", "drain-first"])
-def test_overdue_job_wins_by_time_not_by_arrival(policy):
-    v = view([("a", 0, 99), ("b", 4, 39.9)], now=100.0, max_wait=60)
-    assert decide(policy, v, COSTS) == "b"
-    assert decide(policy, view([("a", 0, 99), ("b", 4, 40.5)], max_wait=60), COSTS) in ("a", "b")
+def test_unknown_policy_is_an_error_even_with_nothing_waiting():
+    for v in (view([("a", 1, 1)]), view([])):
+        with pytest.raises(ValueError, match="unknown policy 'random'"):
+            decide("random", v, costs())
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost-aware", "drain-first"])
-def test_p0_for_another_model_switches_even_while_settling(policy):
-    v = view([("a", 3, 99), ("b", 0, 99.5)], served=1, since=99.0, min_active=30)
-    assert decide(policy, v, COSTS) == "b"
-    # but the model just woken serves one job first: otherwise overdue work on both sides livelocks
-    fresh = view([("a", 3, 99), ("b", 0, 99.5), ("b", 2, 10)], served=0, since=99.0, min_active=30)
-    assert decide(policy, fresh, COSTS) == "a"
-    # ...but not when the resident model has P0 work of its own
-    assert decide(policy, view([("a", 0, 99), ("b", 0, 98)]), COSTS) == ("b" if policy == "fifo" else "a")
+# ---- rule 2: priority first --------------------------------------------------------------------------
+
+P0_CASES = [
+    # (name, view kwargs, {policy: expected})
+    ("P0 elsewhere beats lower resident work",
+     dict(waiting=[("a", 3, 90), ("b", 0, 99)]), {None: "b"}),
+    ("P0 elsewhere even while the woken model settles",
+     dict(waiting=[("a", 3, 99), ("b", 0, 99.5)], served=0, since=99.0, min_active=30), {None: "b"}),
+    ("resident's own P0 goes first",
+     dict(waiting=[("a", 0, 99), ("b", 0, 98)]), {None: "a", "fifo": "b"}),   # fifo: the older P0
+    ("the oldest P0 elsewhere picks the model",
+     dict(waiting=[("a", 2, 1), ("c", 0, 99), ("b", 0, 98)]), {None: "b"}),
+]
 
 
-@pytest.mark.parametrize("policy", ["fifo", "cost-aware", "drain-first"])
-def test_min_active_prevents_switching_back_before_the_new_model_served(policy):
-    settling = view([("a", 2, 99.9), ("b", 1, 50)], served=0, since=99.0, min_active=5)
-    assert decide(policy, settling, COSTS) == "a"
-    settled = view([("a", 2, 99.9), ("b", 1, 50)], served=1, since=90.0, min_active=5)
-    assert decide(policy, settled, COSTS) == ("a" if policy == "drain-first" else "b")
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name,kw,expect", P0_CASES, ids=[c[0] for c in P0_CASES])
+def test_priority_first(policy, name, kw, expect):
+    assert decide(policy, view(**kw), costs()) == expect.get(policy, expect[None])
 
 
-def test_fifo_follows_the_best_job():
-    assert decide("fifo", view([("b", 2, 1), ("a", 2, 2)], max_wait=600), COSTS) == "b"
-    assert decide("fifo", view([("a", 2, 1), ("b", 2, 2)], max_wait=600), COSTS) == "a"
+# ---- rule 3: max_wait_s, by time ---------------------------------------------------------------------
+
+OVERDUE_CASES = [
+    # now = 130 unless said: b's job at 69 has waited 61 s, the one at 70.5 only 59.5 s
+    ("not yet overdue: the policy decides", dict(waiting=[("a", 2, 129.5), ("b", 2, 70.5)], now=130),
+     {None: "a", "fifo": "b"}),
+    ("overdue", dict(waiting=[("a", 2, 129.5), ("b", 2, 69)], now=130), {None: "b"}),
+    ("overdue beats a more urgent resident job", dict(waiting=[("a", 1, 129.5), ("b", 4, 69)], now=130),
+     {None: "b"}),
+    ("overdue beats settling", dict(waiting=[("a", 2, 129.5), ("b", 2, 69)], now=130, since=125, min_active=30),
+     {None: "b"}),
+    ("overdue while the resident idles, by time alone", dict(waiting=[("b", 2, 69)], now=130, min_active=1e9),
+     {None: "b"}),
+    ("resident jobs that came before it was overdue go first", dict(waiting=[("a", 2, 20), ("b", 2, 5)]),
+     {None: "a", "fifo": "b"}),
+    ("resident jobs that came after it wait", dict(waiting=[("a", 2, 70), ("b", 2, 5)], now=130), {None: "b"}),
+    ("a resident P0 waits first", dict(waiting=[("a", 0, 129.5), ("b", 2, 10)], now=130), {None: "a"}),
+    ("an overdue P0 elsewhere still wins", dict(waiting=[("a", 0, 129.5), ("b", 0, 60)], now=130), {None: "b"}),
+]
 
 
-def test_drain_first_finishes_the_resident_queue_then_the_most_urgent():
-    assert decide("drain-first", view([("b", 1, 10), ("a", 3, 99)], max_wait=600), COSTS) == "a"
-    assert decide("drain-first", view([("b", 3, 10), ("c", 1, 50)], max_wait=600), COSTS) == "c"
-    assert decide("drain-first", view([("b", 2, 10), ("c", 2, 20)], max_wait=600), COSTS) == "b"  # tie: oldest
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name,kw,expect", OVERDUE_CASES, ids=[c[0] for c in OVERDUE_CASES])
+def test_max_wait(policy, name, kw, expect):
+    assert decide(policy, view(**kw), costs()) == expect.get(policy, expect[None])
 
 
-def test_cost_aware_coalesces_then_picks_the_work_that_repays_its_switch():
-    costs = SwitchCosts(seed_s=10.0, seeds={("a", "c"): 40.0})
-    # the resident keeps the gate while it has work, however much waits elsewhere
-    assert decide("cost-aware", view([("a", 2, 99)] + [("b", 2, 92)] * 3, max_wait=600), costs) == "a"
-    # a job more urgent than anything resident switches at once
-    assert decide("cost-aware", view([("a", 3, 99), ("b", 1, 99.9)], max_wait=600), costs) == "b"
-    # resident empty: b waited 2 x 30 = 60 job-s, cost 10 -> 50; c waited 80, cost 40 -> 40: b
-    assert decide("cost-aware", view([("b", 2, 70), ("b", 2, 70), ("c", 2, 20)], max_wait=600), costs) == "b"
-    # drain-first would take the oldest wait instead
-    assert decide("drain-first", view([("b", 2, 70), ("b", 2, 70), ("c", 2, 20)], max_wait=600), costs) == "c"
+# ---- rule 4: settling (min_active_s) -----------------------------------------------------------------
+
+SETTLE_CASES = [
+    ("woken model serves one job first", dict(waiting=[("a", 3, 99.9), ("b", 1, 50)], served=0, since=99),
+     {None: "a"}),
+    ("then min_active_s holds it", dict(waiting=[("a", 3, 99.9), ("b", 1, 50)], served=1, since=99, min_active=5),
+     {None: "a"}),
+    ("even while idle", dict(waiting=[("b", 1, 50)], served=1, since=99, min_active=5), {None: "a"}),
+    ("then the policy decides", dict(waiting=[("a", 3, 99.9), ("b", 1, 50)], served=1, since=90, min_active=5),
+     {"fifo": "b", "drain-first": "a", "cost-aware": "a"}),
+    ("its jobs were cancelled: held for min_active_s only", dict(waiting=[("b", 2, 99)], served=0, since=90,
+                                                               min_active=5), {None: "b"}),
+]
 
 
-def test_overdue_under_overload_does_not_thrash():
-    costs = SwitchCosts(seed_s=10.0)
-    # both sides are late; the resident's oldest is within a round trip (20 s) of b's: keep serving
-    assert decide("cost-aware", view([("a", 2, 10), ("b", 2, 5)], now=100, max_wait=60), costs) == "a"
-    # b has waited 25 s longer than anything resident: switch
-    assert decide("cost-aware", view([("a", 2, 30), ("b", 2, 5)], now=100, max_wait=60), costs) == "b"
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name,kw,expect", SETTLE_CASES, ids=[c[0] for c in SETTLE_CASES])
+def test_settling(policy, name, kw, expect):
+    assert decide(policy, view(**kw), costs()) == expect.get(policy, expect.get(None))
 
 
-def test_deadline_is_when_something_turns_overdue_or_settling_ends():
-    v = view([("a", 2, 99), ("b", 2, 70)], now=100.0, since=95, min_active=10, max_wait=60)
-    assert next_deadline(v) == 105.0       # settling ends before b turns overdue at 130
-    assert next_deadline(view([("a", 2, 99)], resident="a", since=0)) is None
+# ---- the policies ------------------------------------------------------------------------------------
 
+POLICY_CASES = [
+    # (policy, waiting, costs kwargs, expected, why)
+    ("fifo", [("b", 2, 1), ("a", 2, 2)], {}, "b", "the oldest job"),
+    ("fifo", [("a", 2, 1), ("b", 2, 2)], {}, "a", "the oldest job is resident"),
+    ("fifo", [("a", 2, 1), ("b", 1, 2)], {}, "b", "priority before age"),
+    ("drain-first", [("b", 1, 10), ("a", 3, 99)], {}, "a", "resident queue first, whatever waits"),
+    ("drain-first", [("b", 3, 10), ("c", 1, 50)], {}, "c", "then the most urgent"),
+    ("drain-first", [("c", 2, 10), ("b", 2, 20)], {}, "c", "tie: the oldest wait"),
+    ("drain-first", [("b", 2, 10), ("b", 2, 10), ("c", 2, 10)], {}, "b", "tie on age: admission order"),
+    # cost-aware, resident has work: index(a) = weights / (n x 2 s); index(b) adds the round trip
+    ("cost-aware", [("a", 2, 99)] + [("b", 2, 80)] * 10, {}, "a", "equal priority: coalesce"),
+    ("cost-aware", [("a", 3, 99)] * 2 + [("b", 1, 99)], dict(ab=1, ba=1), "b", "urgent, cheap: 8/4 > 4/4"),
+    ("cost-aware", [("a", 3, 99)] * 2 + [("b", 1, 99)], {}, "a", "urgent, dear: 8/22 < 4/4"),
+    ("cost-aware", [("a", 2, 99)] * 5 + [("b", 1, 99)], dict(ab=2, ba=2), "a", "one urgent job vs five: 8/6 < 20/10"),
+    # cost-aware, resident idle: index(m) = weights / (n x 2 s + one-way switch)
+    ("cost-aware", [("b", 2, 50)] * 2 + [("c", 2, 60)] * 2, dict(ab=10, ac=2), "c", "the cheap neighbour"),
+    ("cost-aware", [("b", 2, 50)] * 12 + [("c", 2, 60)] * 2, dict(ab=10, ac=2), "b", "unless much more waits"),
+    ("cost-aware", [("b", 3, 50)] * 2 + [("c", 1, 60)] * 2, dict(ab=2, ac=10), "c", "or it is more urgent"),
+    ("cost-aware", [("c", 2, 50), ("b", 2, 60)], {}, "c", "tie: the oldest wait"),
+    ("cost-aware", [("c", 2, 50), ("b", 2, 50)], {}, "b", "tie on age: the model name"),
+]
+
+
+@pytest.mark.parametrize("policy,waiting,ckw,expected,why", POLICY_CASES, ids=[f"{c[0]}: {c[4]}" for c in POLICY_CASES])
+def test_policy(policy, waiting, ckw, expected, why):
+    assert decide(policy, view(waiting, max_wait=600), costs(**ckw)) == expected
+
+
+def test_cost_aware_uses_measured_service_times():
+    # idle resident; b and c alike, but b's jobs measure 20 s each: c's queue is worth more per GPU second
+    c = costs(ab=2, ac=2)
+    v = view([("b", 2, 50), ("c", 2, 60)], max_wait=600)
+    assert decide("cost-aware", v, c) == "b"          # tie on the guess: the oldest wait
+    c.observe_service("b", 20.0)
+    assert decide("cost-aware", v, c) == "c"
+
+
+# ---- SwitchCosts -------------------------------------------------------------------------------------
 
 def test_switch_cost_ema():
     c = SwitchCosts(seed_s=5.0, alpha=0.5, seeds={("a", "b"): 8.0})
-    assert c.get("a", "b") == 8.0 and c.get("b", "a") == 5.0
-    c.observe("b", "a", 4.0)
-    assert c.get("b", "a") == 4.0          # first measurement replaces the seed
-    c.observe("b", "a", 8.0)
-    assert c.get("b", "a") == 6.0          # then 4 + 0.5 * (8 - 4)
-    c.observe("a", "b", 2.0)
-    assert c.get("a", "b") == 5.0          # 8 + 0.5 * (2 - 8)
+    steps = [  # (call, expected a->b, expected b->a)
+        (None, 8.0, 5.0),                              # the configured guesses
+        (("b", "a", 4.0), 8.0, 4.0),                   # the first measurement replaces the guess
+        (("b", "a", 8.0), 8.0, 6.0),                   # then 4 + 0.5 x (8 - 4)
+        (("a", "b", 2.0), 2.0, 6.0),
+        (("a", "b", 4.0), 3.0, 6.0),                   # 2 + 0.5 x (4 - 2)
+        (("a", "b", -1.0), 3.0, 6.0),                  # nonsense is ignored
+        (("a", "b", math.nan), 3.0, 6.0),
+        (("a", "b", math.inf), 3.0, 6.0),
+    ]
+    for call, ab, ba in steps:
+        if call:
+            c.observe(*call)
+        assert (c.get("a", "b"), c.get("b", "a")) == (ab, ba)
+    assert c.round_trip("a", "b") == 9.0 and c.round_trip(None, "b") == c.get(None, "b") == 5.0
 
 
-def test_unknown_policy_is_an_error():
-    with pytest.raises(ValueError, match="unknown policy"):
-        decide("random", view([("a", 1, 1)]), COSTS)
+def test_service_ema_and_alpha_bounds():
+    c = SwitchCosts(service_s=3.0, alpha=0.25)
+    assert c.service("x") == 3.0
+    c.observe_service("x", 1.0)
+    c.observe_service("x", 5.0)
+    assert c.service("x") == 2.0                       # 1 + 0.25 x (5 - 1)
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            SwitchCosts(alpha=bad)
 
 
-def test_interleaved_arrivals_do_not_livelock_under_cost_aware():
-    """A and B arrive alternately; serving one job at a time, the decision must not flip every job."""
-    costs = SwitchCosts(seed_s=30.0)
-    queue = [("a" if i % 2 else "b", 2, float(i)) for i in range(10)]
-    resident, since, served, now, switches = "a", 0.0, 1, 10.0, 0
-    while queue:
-        v = view(queue, resident=resident, now=now, served=served, since=since, max_wait=600)
-        target = decide("cost-aware", v, costs)
-        if target != resident:
-            resident, since, served, switches = target, now, 0, switches + 1
-            now += 30
+def test_switch_costs_are_thread_safe():
+    c = SwitchCosts(alpha=0.1)
+
+    def work(seconds):
+        for _ in range(2000):
+            c.observe("a", "b", seconds)
+            c.get("a", "b")
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (4.0, 6.0, 4.0, 6.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 4.0 <= c.get("a", "b") <= 6.0
+
+
+# ---- next_deadline -----------------------------------------------------------------------------------
+
+DEADLINE_CASES = [
+    ("another model's job turns overdue", dict(waiting=[("a", 2, 99), ("b", 2, 70)]), 130.0),
+    ("settling ends first", dict(waiting=[("a", 2, 99), ("b", 2, 70)], since=95, min_active=10), 105.0),
+    ("the resident's own jobs never force anything", dict(waiting=[("a", 2, 10)]), None),
+    ("already overdue: nothing later", dict(waiting=[("b", 2, 10)], since=0, min_active=0), None),
+    ("nothing waits", dict(waiting=[]), None),
+    ("nothing resident", dict(waiting=[("b", 2, 10)], resident=None), None),
+]
+
+
+@pytest.mark.parametrize("name,kw,expected", DEADLINE_CASES, ids=[c[0] for c in DEADLINE_CASES])
+def test_next_deadline(name, kw, expected):
+    assert next_deadline(view(**kw), costs()) == expected
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("waiting,kw,final", [
+    ([("b", 2, 90)], dict(since=95, min_active=10), "b"),                   # settling ends at 105
+    ([("b", 2, 70)], dict(since=95, min_active=1000), "b"),                 # kept warm, b overdue at 130
+    ([("a", 2, 96), ("b", 2, 70)], dict(since=95, min_active=10, served=0), None),
+])
+def test_decision_changes_only_at_the_deadline(policy, waiting, kw, final):
+    """Between now and next_deadline the answer holds, so the scheduler may sleep until then."""
+    c = costs()
+    now, answers = 96.0, []
+    kw = {"served": 1, **kw}
+    while True:
+        v = view(waiting, now=now, **kw)
+        answers.append(decide(policy, v, c))
+        due = next_deadline(v, c)
+        if due is None:
+            break
+        assert due > now
+        for t in (now + (due - now) * f for f in (0.25, 0.5, 0.99)):
+            assert decide(policy, view(waiting, now=t, **kw), c) == answers[-1]
+        now = due
+    if final is not None:
+        assert answers[0] == "a" and answers[-1] == final
+
+
+# ---- the llmux defects -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_starvation_is_checked_by_time_not_on_arrival(policy):
+    """llmux looked at waiting times only when a request arrived, so on a quiet gate an old job waited on.
+    Here the same queue, later, gives a different answer, and next_deadline says exactly when."""
+    quiet = dict(waiting=[("b", 3, 50.0)], served=3, since=0, min_active=1000)     # a is kept warm, idle
+    early = view(now=100.0, **quiet)
+    assert decide(policy, early, costs()) == "a"
+    due = next_deadline(early, costs())
+    assert due == 110.0
+    assert decide(policy, view(now=due, **quiet), costs()) == "b"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_cancelled_job_never_triggers_a_switch(policy):
+    """The scheduler leaves cancelled jobs out of the view; nothing else may remember them."""
+    with_b = view([("a", 2, 99), ("b", 0, 50)])
+    assert decide(policy, with_b, costs()) == "b"
+    cancelled = view([("a", 2, 99)])
+    assert decide(policy, cancelled, costs()) == "a"
+    assert next_deadline(cancelled, costs()) is None
+    assert decide(policy, view([]), costs()) is None
+
+
+def simulate(policy, arrivals, *, service=1.0, switch=5.0, max_wait=600.0, min_active=0.0, seed_cost=5.0):
+    """A tiny gate with one slot: arrivals (time, model, priority) -> (switches, grant order, grants), where
+    grants are (model, enqueued_at, granted_at). Fails if the gate switches twice without serving (livelock)."""
+    c = SwitchCosts(seed_s=seed_cost)
+    pending = sorted(arrivals)
+    queue, order, grants = [], [], []
+    now, resident, since, served, switches, seq, idle_switch = 0.0, None, 0.0, 0, 0, 0, False
+    while pending or queue:
+        while pending and pending[0][0] <= now:
+            t, m, p = pending.pop(0)
+            queue.append(Waiting(m, p, seq, t))
+            seq += 1
+        v = GateView(now, resident, 0, since, served, tuple(queue), max_wait, min_active)
+        target = decide(policy, v, c)
+        if target is None or (target == resident and not any(w.model == resident for w in queue)):
+            due = next_deadline(v, c)
+            now = min([x for x in (due, pending[0][0] if pending else None) if x is not None])
             continue
-        i = next(i for i, w in enumerate(queue) if w[0] == resident)
-        queue.pop(i)
-        served += 1
-        now += 1
-    assert switches <= 2
+        if target != resident:
+            assert not idle_switch, f"livelock: switched twice without serving ({order})"
+            c.observe(resident, target, switch)
+            resident, since, served, switches, idle_switch = target, now + switch, 0, switches + 1, True
+            now += switch
+            continue
+        job = min((w for w in queue if w.model == resident), key=lambda w: (w.priority, w.seq))
+        queue.remove(job)
+        order.append(job.model)
+        grants.append((job.model, job.enqueued_at, now))
+        served, idle_switch = served + 1, False
+        now += service
+    return switches, "".join(order), grants
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name,arrivals", [
+    ("both sides overdue", [(0, "a", 2), (0, "b", 2)] + [(t, m, 2) for t in range(1, 200, 2) for m in "ab"]),
+    ("resident P0 while the other is overdue", [(0, "a", 2)] * 3 + [(1, "b", 2)] + [(70, "a", 0), (70.5, "a", 0)]),
+    ("P0 on both sides", [(0, "a", 0), (0, "b", 0), (0.1, "a", 0), (0.1, "b", 0)] * 3),
+])
+def test_no_livelock_between_two_models(policy, name, arrivals):
+    """llmux could swap A<->B forever without serving; every switch here is followed by a served job."""
+    switches, order, _ = simulate(policy, arrivals, service=3.0, switch=10.0, max_wait=20.0)
+    assert len(order) == len(arrivals)
+
+
+def test_interleaved_arrivals_cost_at_most_two_switches_under_cost_aware():
+    """A, B, A, B ... arriving faster than they are served: coalesce instead of swapping per request."""
+    arrivals = [(0.5 * i, "ab"[i % 2], 2) for i in range(20)]
+    switches, order, _ = simulate("cost-aware", arrivals, service=1.0, switch=8.0)
+    assert switches <= 2 and order == "a" * 10 + "b" * 10
+    fifo_switches, _, _ = simulate("fifo", arrivals, service=1.0, switch=8.0)
+    assert fifo_switches == 20                     # the baseline thrashes on every request
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_overdue_work_goes_before_anything_that_came_after_it_was_due(policy):
+    """A steady stream for `a` would keep the gate forever under cost-aware or drain-first. A `b` job that
+    has waited max_wait_s is served before any `a` job that arrived after that moment, so it waits at most
+    max_wait_s + the resident's backlog at that moment + the drain + the switch."""
+    arrivals = [(t, "a", 2) for t in range(0, 300)] + [(5.5, "b", 2), (150.5, "b", 2)]
+    _, order, grants = simulate(policy, arrivals, service=0.9, switch=5.0, max_wait=30.0)
+    assert order.count("b") == 2
+    if policy != "fifo":                       # coalescing kept `a` until the first `b` was overdue
+        assert grants[[g[0] for g in grants].index("b")][2] - 5.5 > 30.0
+    for model, enqueued, granted in grants:
+        if model == "b":
+            due = enqueued + 30.0
+            assert not [g for g in grants if g[0] == "a" and g[1] > due and g[2] < granted]
+            assert granted - enqueued <= 30.0 + 5 * 0.9 + 0.9 + 5.0
+
+
+# ---- determinism -------------------------------------------------------------------------------------
+
+def random_view(rng):
+    models = "abc"
+    waiting = tuple(Waiting(rng.choice(models), rng.randint(0, 4), i, round(rng.uniform(0, 100), 1))
+                    for i in range(rng.randint(0, 8)))
+    return GateView(now=100.0 + rng.uniform(0, 30), resident=rng.choice([None, *models]), inflight=rng.randint(0, 2),
+                    resident_since=rng.uniform(50, 120), served_since_switch=rng.randint(0, 2), waiting=waiting,
+                    max_wait_s=rng.choice([10.0, 60.0]), min_active_s=rng.choice([0.0, 20.0]))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_decisions_are_deterministic_and_well_formed(policy):
+    """The answer depends on the snapshot only, not on the order of `waiting`; it is None exactly when nothing
+    waits, and otherwise the resident or a model with waiting work; next_deadline lies in the future."""
+    rng = random.Random(2024)
+    c = costs(ab=3, ba=4, ac=12, ca=12, bc=9, cb=9)
+    for _ in range(3000):
+        v = random_view(rng)
+        answer = decide(policy, v, c)
+        shuffled = list(v.waiting)
+        rng.shuffle(shuffled)
+        assert decide(policy, GateView(**{**v.__dict__, "waiting": tuple(shuffled)}), c) == answer
+        if not v.waiting:
+            assert answer is None
+        else:
+            assert answer == v.resident or answer in {w.model for w in v.waiting}
+        due = next_deadline(v, c)
+        assert due is None or due > v.now
