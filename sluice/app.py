@@ -12,13 +12,12 @@ import hmac
 import ipaddress
 import json
 import logging
-import logging.handlers
 import subprocess
 import threading
 import time
 from collections import deque
 
-from sluice import __version__, errors
+from sluice import __version__, errors, logfile
 from sluice.admin import Admin
 from sluice.api import Api
 from sluice.cloud import Cloud
@@ -45,8 +44,7 @@ def _requests_logger(log_dir) -> logging.Logger | None:
     """requests.jsonl in SLUICE_LOG_DIR, one JSON object per finished job, rotated by size."""
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(log_dir / "requests.jsonl", maxBytes=20 << 20,
-                                                       backupCount=3)
+        handler = logfile.file_handler(log_dir / "requests.jsonl", 20 << 20, 3)
     except OSError as e:
         log.warning("cannot write %s/requests.jsonl (%s); request log disabled", log_dir, e)
         return None
@@ -270,7 +268,7 @@ class App:
 
     def flush_records(self) -> None:
         """Record every job finished so far (metrics, log, `recent`): the recorder's work, done now."""
-        with self._records_lock:
+        with self._records_lock, logfile.batch():
             while self._records:
                 self._record_one(*self._records.popleft())
 

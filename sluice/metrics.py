@@ -3,6 +3,7 @@ dict lookup and an addition, cheap enough for the request path."""
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from typing import Callable, Iterable
@@ -38,9 +39,12 @@ class _Metric:
         self._values: dict[tuple, object] = {}
 
     def _key(self, labels: dict) -> tuple:
-        if set(labels) != set(self.labels):
-            raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labels)
+        try:
+            if len(labels) == len(self.labels):
+                return tuple([str(labels[n]) for n in self.labels])
+        except KeyError:
+            pass
+        raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(labels)}")
 
     def header(self) -> list[str]:
         help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
@@ -96,14 +100,12 @@ class Histogram(_Metric):
 
     def observe(self, value: float, **labels) -> None:
         key = self._key(labels)
+        i = bisect.bisect_left(self.buckets, value)      # the first bucket it fits; cumulated when rendered
         with self._lock:
             counts = self._values.get(key)
             if counts is None:
-                counts = self._values[key] = [0] * len(self.buckets) + [0, 0.0]   # buckets, count, sum
-            for i, le in enumerate(self.buckets):
-                if value <= le:
-                    counts[i] += 1
-            counts[-2] += 1
+                counts = self._values[key] = [0] * (len(self.buckets) + 1) + [0.0]   # per bucket, +Inf, sum
+            counts[i] += 1
             counts[-1] += value
 
     def samples(self) -> list[str]:
@@ -111,12 +113,15 @@ class Histogram(_Metric):
             items = sorted((k, list(v)) for k, v in self._values.items())
         out = []
         for key, counts in items:
+            total = 0
             for le, c in zip(self.buckets, counts):
+                total += c
                 bound = 'le="' + repr(float(le)) + '"'
-                out.append(f"{self.name}_bucket{_labels(self.labels, key, bound)} {c}")
+                out.append(f"{self.name}_bucket{_labels(self.labels, key, bound)} {total}")
+            total += counts[-2]
             inf = 'le="+Inf"'
-            out.append(f"{self.name}_bucket{_labels(self.labels, key, inf)} {counts[-2]}")
-            out.append(f"{self.name}_count{_labels(self.labels, key)} {counts[-2]}")
+            out.append(f"{self.name}_bucket{_labels(self.labels, key, inf)} {total}")
+            out.append(f"{self.name}_count{_labels(self.labels, key)} {total}")
             out.append(f"{self.name}_sum{_labels(self.labels, key)} {_num(counts[-1])}")
         return out
 
