@@ -251,20 +251,21 @@ class App:
             raise errors.Forbidden(f"key {h.key.name!r} is not an admin key")
 
     def _record(self, job: Job) -> None:
-        """Note a finished job. Timings are taken now; logging and metrics happen on the recorder thread,
-        off the request's path."""
-        now = time.monotonic()
+        """Note a finished job: only the clocks are read here; the recorder thread builds the entry, off the
+        request's path (a finished job's fields are final; its HTTP status, if not yet set, is the error's)."""
+        self._records.append((job, time.monotonic(), time.time()))
+
+    def _entry(self, job: Job, now: float, wall: float) -> dict:
         service_ms = (now - job.granted_at) * 1000 if job.granted_at is not None else 0.0
         ttfb_ms = (job.first_byte_at - job.granted_at) * 1000 if job.first_byte_at and job.granted_at else None
-        entry = {"time": round(time.time(), 3), "id": job.id, "route": job.route, "model": job.model,
+        entry = {"time": round(wall, 3), "id": job.id, "route": job.route, "model": job.model,
                  "priority": job.priority, "outcome": job.outcome.value, "status": job.status or
                  (job.error.status if job.error else 200), "backend": job.backend, "client": job.client,
                  "wait_ms": round(job.wait_s * 1000, 2), "service_ms": round(service_ms, 2),
                  "ttfb_ms": round(ttfb_ms, 2) if ttfb_ms is not None else None, "usage": job.usage}
         if self.settings.log_prompts and job.payload is not None:
             entry["prompt"] = job.payload
-        error = job.error.message if job.error is not None and job.outcome.value != "ok" else None
-        self._records.append((entry, job.granted_at is not None, error))
+        return entry
 
     def flush_records(self) -> None:
         """Record every job finished so far (metrics, log, `recent`): the recorder's work, done now."""
@@ -277,9 +278,11 @@ class App:
             self.flush_records()
         self.flush_records()
 
-    def _record_one(self, entry: dict, granted: bool, error: str | None) -> None:
+    def _record_one(self, job: Job, now: float, wall: float) -> None:
         try:
-            self.metrics.record({**entry, "granted": granted})
+            entry = self._entry(job, now, wall)
+            error = job.error.message if job.error is not None and job.outcome.value != "ok" else None
+            self.metrics.record({**entry, "granted": job.granted_at is not None})
             self.recent.append(entry)
             if self._requests_log is not None:
                 self._requests_log.info(json.dumps(entry, separators=(",", ":")))

@@ -73,13 +73,13 @@ class Exchange:
         self._closed = False
         self._lock = threading.Lock()   # abort (any thread) vs close (the owner): never touch a pooled socket
 
-    def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str], deadline: float) -> None:
-        up = self._upstream
-        head = [f"{method} {path} HTTP/1.1", f"Host: {up.host}:{up.port}", f"Content-Length: {len(body or b'')}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
+    def send(self, method: str, path: str, body: bytes | None, headers: str, deadline: float) -> None:
+        """`headers`: the header lines after the request line, each ending in CRLF, Content-Length aside."""
+        body = body or b""
+        head = f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
         try:
             self._settimeout(deadline)
-            self._conn.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+            self._conn.sock.sendall(head.encode("latin-1") + body)
             self._read_head()
         except (OSError, ValueError) as e:
             raise self._failure(e, "before answering") from None
@@ -215,6 +215,9 @@ class Upstream:
         self.port = parts.port or (443 if self._https else 80)
         self.base_path = parts.path.rstrip("/")      # usually "/v1"
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # The header lines every forward carries, built once
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{self.host}:{self.port}",
+                                                             "Content-Type": "application/json", **self._auth}.items())
         self._idle: list[Conn] = []
         self._lock = threading.Lock()
         self._max_idle = max_idle
@@ -256,7 +259,7 @@ class Upstream:
 
         `on_open` gets the exchange before anything is sent, so a cancel can abort it at any point.
         """
-        hdrs = {"Content-Type": "application/json", **self._auth, **(headers or {})}
+        hdrs = self._head + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         conn = self._checkout()
         attempt = 0
         while conn is None:
