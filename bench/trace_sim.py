@@ -135,8 +135,8 @@ def trace_three(rng):
 TRACES = [
     ("llama-swap #612 pattern (service 1 s, switch 8 s)", trace_612, {"A": 1.0, "B": 1.0, "C": 1.0},
      {"default": 8.0}),
-    ("llama-swap #612 pattern at 90 % load (service 1 s, switch 1.5 s)", trace_612_loaded,
-     {"A": 1.0, "B": 1.0, "C": 1.0}, {"default": 1.5}),
+    ("llama-swap #612 pattern at 90 % load (service 1 s, switch 1 s)", trace_612_loaded,
+     {"A": 1.0, "B": 1.0, "C": 1.0}, {"default": 1.0}),
     ("P0 interactive + P4 flood (service 0.8 s, switch 6 s)", trace_p0_flood, {"A": 0.8, "B": 0.8},
      {"default": 6.0}),
     ("three models, unequal switch costs", trace_three, {"A": 1.0, "B": 0.7, "C": 1.5},
