@@ -415,25 +415,20 @@ class _SSE:
         self.h.sse_chunk(data)
 
     def relay(self, ex: Exchange, deadline: float) -> None:
-        """Forward each upstream event as it arrives; comment lines kept; usage noted from the last chunk."""
+        """Forward upstream events as they arrive; comment lines kept; usage noted from the last chunk."""
         self.start()
-        buf: list[bytes] = []
         try:
-            for line in ex.lines(deadline):
-                buf.append(line)
-                if line.startswith(b"data: [DONE]"):
-                    self.saw_done = True
-                elif b'"usage"' in line and line.startswith(b"data:"):
-                    self._usage(line)
-                if line in (b"\n", b"\r\n"):
-                    self.h.sse_chunk(b"".join(buf))
-                    buf.clear()
+            for events in ex.events(deadline):
+                if events.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in events:
+                    self.saw_done = True       # a line start: JSON strings cannot hold a raw newline
+                if b'"usage"' in events:
+                    for line in events.split(b"\n"):
+                        if line.startswith(b"data:") and b'"usage"' in line:
+                            self._usage(line)
+                self.h.sse_chunk(events)
         except ClientGone:
             ex.abort()
             raise
-        finally:
-            if buf:
-                self.h.sse_chunk(b"".join(buf) + b"\n")
         ex.close()
         self.job.status = 200
 

@@ -153,19 +153,22 @@ class Exchange:
         except (OSError, ValueError) as e:
             raise self._failure(e, "while reading the response") from None
 
-    def lines(self, deadline: float) -> Iterator[bytes]:
-        """The response body line by line, as each line arrives (for SSE relay)."""
+    def events(self, deadline: float) -> Iterator[bytes]:
+        """The body as whole SSE events (each ending in a blank line), as they arrive: every event complete
+        after a read comes out together, so a burst costs one write downstream. A tail without its blank
+        line (the stream was cut) comes last, terminated."""
         rest = b""
         try:
             for piece in self._pieces(deadline):
                 rest += piece
-                *whole, rest = rest.split(b"\n")
-                for line in whole:
-                    yield line + b"\n"
+                cut = max(rest.rfind(b"\n\n") + 2, rest.rfind(b"\n\r\n") + 3)
+                if cut > 2:
+                    yield rest[:cut]
+                    rest = rest[cut:]
         except (OSError, ValueError) as e:
             raise self._failure(e, "mid-stream") from None
-        if rest:
-            yield rest
+        if rest.strip():
+            yield rest.rstrip(b"\r\n") + b"\n\n"
 
     def abort(self) -> None:
         """Close the upstream socket now: the backend sees the client's disconnect, a blocked read returns."""

@@ -6,7 +6,7 @@ request: a user message (or prompt) starting with `!` names the mode for that re
 
 Modes: ok, error500, garbage (200 with invalid JSON), notobject (200 with a JSON list), reset (RST after
 reading the request), hang (no answer until the client leaves), stream_die (two SSE events then the
-connection drops), slow (each SSE event `chunk_delay` apart).
+connection drops), slow (each SSE event `chunk_delay` apart), ragged (SSE framed awkwardly: RAGGED_PIECES).
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# What the `ragged` mode sends, piece by piece (each piece one HTTP chunk)
+RAGGED_PIECES = [b"data: {\"n\": 1}\r\n", b"\r\ndata: {\"n\"", b": 2}\n\n: a comment\n\ndata: {\"n\": 3}\n\n",
+                 b"data: {\"n\": 4}\r\n\r\ndata: {\"n\": 5, \"text\": \"data: [DONE] is not the end\"}\n\n",
+                 b"data: {\"n\": 6}"]
 
 
 class FakeBackend:
@@ -212,6 +217,8 @@ class FakeBackend:
             return
         if mode == "hang":
             return self._hang(h)
+        if mode == "ragged":
+            return self._ragged(h)
         if body.get("stream"):
             return self._stream(h, body, mode)
         if h.path.endswith("/embeddings"):
@@ -295,6 +302,17 @@ class FakeBackend:
         finally:
             h.connection.settimeout(None)
         return False
+
+    def _ragged(self, h) -> None:
+        """SSE framed awkwardly but legally: CRLF line ends, events split across HTTP chunks, a burst of
+        events in one chunk, and a last event cut short (no blank line) before the body ends."""
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for piece in RAGGED_PIECES:
+            self._chunk(h, piece)
+        h.wfile.write(b"0\r\n\r\n")
 
     def _chunk(self, h, data: bytes) -> None:
         h.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -236,6 +236,16 @@ def test_upstream_dying_mid_stream_ends_with_an_error_event_and_done(app):
     assert app.scheduler.totals["failed"] == 1
 
 
+def test_awkwardly_framed_upstream_events_arrive_whole_and_in_order(app):
+    s = RawStream(app, chat_body("!ragged", stream=True))
+    body = b"".join(s.read_all())
+    events = [e for e in body.replace(b"\r\n", b"\n").split(b"\n\n") if e]
+    assert events == [b'data: {"n": 1}', b'data: {"n": 2}', b": a comment", b'data: {"n": 3}', b'data: {"n": 4}',
+                      b'data: {"n": 5, "text": "data: [DONE] is not the end"}',
+                      b'data: {"n": 6}',            # cut short upstream: terminated, so [DONE] stays its own event
+                      b"data: [DONE]"]
+
+
 def test_queued_stream_gets_keepalive_comments_then_its_events(make_app, backend):
     app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
                     "SLUICE_SSE_KEEPALIVE_S": 0.1})
