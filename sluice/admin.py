@@ -33,6 +33,7 @@ class Admin:
     def status_doc(self) -> dict:
         app = self.app
         s = app.settings
+        models, sources = app.models, app.model_sources     # the live table (one assignment: a whole one)
         snap = app.scheduler.snapshot()
         by_priority = {str(p): 0 for p in range(5)}
         by_model: dict[str, dict[str, int]] = {}
@@ -54,8 +55,9 @@ class Admin:
                              "pid": proc.get("pid"), "uptime_s": proc.get("uptime_s"),
                              "restarts": proc.get("restarts", 0), "last_error": proc.get("last_error"),
                              "inflight": live["inflight"], "slots": live["slots"],
-                             "models": sorted(n for m in s.models if b.name in m.backends
-                                              for n in (m.name, *m.aliases))})
+                             "models": sorted(n for m in models if b.name in m.backends
+                                              for n in (m.name, *m.aliases)),
+                             "discover": b.discover, "manifest": app.manifest(b.name)})
         return {
             "version": __version__, "uptime_s": round(time.monotonic() - app.started, 1),
             "status": health["status"],
@@ -64,8 +66,9 @@ class Admin:
                       "jobs": snap["waiting"]},
             "backends": backends,
             "models": [{"name": m.name, "aliases": list(m.aliases), "upstream_model": m.upstream_model,
-                        "backends": list(m.backends), "status": health["model_status"][m.name]}
-                       for m in s.models],
+                        "backends": list(m.backends), "source": sources.get(m.name, "config"),
+                        "status": health["model_status"].get(m.name, "down")}
+                       for m in models],
             "cloud": app.cloud.info(),
             "totals": snap["totals"],
             "recent": list(app.recent)[-50:],
@@ -89,7 +92,7 @@ class Admin:
         app = self.app
         model = app.api.models.get(name)
         if model is None or rest:
-            raise errors.NotFound(f"no model {name!r}; known: {', '.join(app.settings.model_names()[:-1])}",
+            raise errors.NotFound(f"no model {name!r}; known: {', '.join(app.api.settings.model_names()[:-1])}",
                                   code="model_not_found")
         if action not in ("load", "unload", "sleep", "wake"):
             raise errors.NotFound(f"unknown action {action!r}; use load, unload, sleep or wake")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 GATE_MODES = ("shared", "exclusive")
 POLICIES = ("fifo", "cost-aware", "drain-first")
@@ -41,7 +41,8 @@ class BackendConfig:
     url: str = ""                   # OpenAI base URL, ending in /v1 (managed backends: derived from the port)
     gate: str = "gpu"
     slots: int | None = None        # None: as many as the gate allows
-    models: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()    # its manifest by hand: the upstream model ids it serves (see discover)
+    discover: bool = False          # learn the manifest from GET {url}/models instead (no `models` given)
     api_key: str | None = field(default=None, repr=False)
     forward_priority: bool = False  # vLLM --scheduling-policy priority takes a `priority` field
     health_path: str | None = None  # None: GET /health, falling back to GET {url}/models
@@ -101,6 +102,7 @@ class Settings:
     default_priority: int = 2
     sse_keepalive_s: float = 10.0
     health_interval_s: float = 2.0
+    manifest_interval_s: float = 30.0   # discovering backends' GET /v1/models is re-read this often
     client_timeout_s: float = 30.0
     max_connections: int = 512
     shutdown_timeout_s: float = 30.0
@@ -223,6 +225,7 @@ SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "default_priority": ("SLUICE_DEFAULT_PRIORITY", _int(0, 4)),
     "sse_keepalive_s": ("SLUICE_SSE_KEEPALIVE_S", _float(0, positive=True)),
     "health_interval_s": ("SLUICE_HEALTH_INTERVAL_S", _float(0, positive=True)),
+    "manifest_interval_s": ("SLUICE_MANIFEST_INTERVAL_S", _float(0, positive=True)),
     "client_timeout_s": ("SLUICE_CLIENT_TIMEOUT_S", _float(0, positive=True)),
     "shutdown_timeout_s": ("SLUICE_SHUTDOWN_TIMEOUT_S", _float(0)),
     "max_connections": ("SLUICE_MAX_CONNECTIONS", _int(1)),
@@ -301,7 +304,8 @@ def _env_table(v: Any) -> tuple[tuple[str, str], ...]:
 
 
 ENGINES = ("mlx-lm", "llama.cpp", "vllm")
-_BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "api_key": _str,
+_BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "discover": _bool,
+                    "api_key": _str,
                     "forward_priority": _bool, "health_path": _str, "jit_swap": _bool,
                     "switch": _choice(SWITCH_METHODS), "sleep_cmd": _argv, "wake_cmd": _argv,
                     "engine": _choice(ENGINES), "command": _command, "model_path": _str, "port": _int(1, 65535),
@@ -312,22 +316,45 @@ _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names,
                   "fallback": _choice((CLOUD,)), "fallback_after_s": _float(0)}
 
 
+def _backend(where: str, t: dict, pinned: set[str]) -> BackendConfig:
+    """A `[[backends]]` entry. With `models = "discover"` (or `discover = true`), or with neither a `models`
+    list nor a `[[models]]` entry naming it, an unmanaged backend's manifest is discovered from its
+    GET /v1/models. A backend the file maps by hand is not asked: a server that lists every model in its
+    cache (mlx_lm.server does) would otherwise make all of them routable. A managed one (sluice starts it
+    on demand, so it is often not there to ask) serves only the models that name it."""
+    raw = {k: v for k, v in t.items() if k != "name"}
+    if raw.get("models") == "discover":
+        del raw["models"]
+        raw.setdefault("discover", True)
+    b = _table(where, raw, BackendConfig, _BACKEND_PARSERS, name=t["name"])
+    discover = b.discover if "discover" in raw else "models" not in raw and b.name not in pinned
+    if discover and "models" in raw:
+        raise ConfigError(f"{where}.discover: give either a models list or discover = true, not both")
+    if discover and b.managed:
+        if "discover" in raw:
+            raise ConfigError(f"{where}.models: a backend sluice runs itself cannot discover its models; "
+                              "list them, or name it in [[models]] backends")
+        return b
+    return replace(b, discover=discover)
+
+
 def _topology(doc: dict, env: Mapping[str, str], sources: dict[str, str]):
     gates = [_table(w, {k: v for k, v in t.items() if k != "name"}, GateConfig, _GATE_PARSERS, name=t["name"])
              for w, t in _named_list(doc, "gates")]
-    backends = [_table(w, {k: v for k, v in t.items() if k != "name"}, BackendConfig, _BACKEND_PARSERS,
-                       name=t["name"]) for w, t in _named_list(doc, "backends")]
     models = [_table(w, {k: v for k, v in t.items() if k != "name"}, ModelConfig, _MODEL_PARSERS,
                      name=t["name"], **({} if "backends" in t else {"backends": ()}),
                      **({} if "upstream_model" in t else {"upstream_model": t["name"]}))
               for w, t in _named_list(doc, "models")]
-    if not models:
+    pinned = {b for m in models for b in m.backends}
+    backends = [_backend(w, t, pinned) for w, t in _named_list(doc, "backends")]
+    # The seed's two models, unless the file names its own models or lets backends say what they serve.
+    if not models and not any(b.discover for b in backends):
         for name, aliases, url_var, url_default, id_var, id_default in DEFAULT_MODELS:
             url = _get(url_var, env.get(url_var, url_default), _url)
             upstream = _get(id_var, env.get(id_var, id_default), _str)
             sources[f"models.{name}"] = "env" if url_var in env or id_var in env else "default"
             if not any(b.name == name for b in backends):
-                backends.append(BackendConfig(name=name, url=url, models=(name,)))
+                backends.append(BackendConfig(name=name, url=url, models=(upstream,)))
             models.append(ModelConfig(name=name, upstream_model=upstream, backends=(name,), aliases=aliases))
     if not gates:
         gates = [GateConfig(name="gpu")]
@@ -355,8 +382,9 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
             if n in seen:
                 raise ConfigError(f"models.{m.name}: name or alias {n!r} is already used by models.{seen[n]}")
             seen[n] = m.name
-        if not m.backends:
-            raise ConfigError(f"models.{m.name}.backends: must name at least one backend")
+        if not m.backends and not any(b.discover or b.models for b in backends):
+            raise ConfigError(f"models.{m.name}.backends: must name at least one backend (or let a backend "
+                              f"list it: [[backends]] models = [{m.upstream_model!r}], or discover it)")
         for b in m.backends:
             if b not in backend_names:
                 raise ConfigError(f"models.{m.name}.backends: no backend named {b!r} "
@@ -424,3 +452,44 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
     keys += _keys_table(doc, env, {n for m in models for n in (m.name, *m.aliases)} | {CLOUD})
     return Settings(**values, gates=gates, backends=backends, models=models, keys=keys,
                     config_path=Path(path) if path else None, sources=sources)
+
+
+def model_table(settings: Settings, manifests: Mapping[str, Iterable[str]],
+                retiring: Iterable[ModelConfig] = ()) -> tuple[tuple[ModelConfig, ...], dict[str, str]]:
+    """The models clients may ask for now, each with the backends that serve it, given backend manifests.
+
+    `manifests`: backend name -> the upstream model ids it serves (a `models` list from the file, or what
+    its GET /v1/models said last; a backend not in it has told nothing yet). Returns the models (each
+    ModelConfig's `backends` filled in) and where each came from: "config", "discovered" or "retiring".
+
+    1. A `[[models]]` entry is served by the backends it names, whatever their manifests say (the operator
+       said so), and also by every backend whose manifest lists its `upstream_model`.
+    2. A manifest id that no `[[models]]` entry has as its upstream_model becomes a model of that name,
+       served by every backend listing it; unless the id is already a configured name or alias, or `cloud`
+       (the configured name wins).
+    3. `retiring` models (removed by a reload while jobs were queued) keep the backends they had, unless
+       the new configuration uses their name.
+    """
+    listing: dict[str, list[str]] = {}
+    for b in settings.backends:
+        for mid in manifests.get(b.name, ()):
+            listing.setdefault(mid, []).append(b.name)
+    out: list[ModelConfig] = []
+    source: dict[str, str] = {}
+    for m in settings.models:
+        extra = [b for b in listing.get(m.upstream_model, ()) if b not in m.backends]
+        out.append(replace(m, backends=m.backends + tuple(extra)) if extra else m)
+        source[m.name] = "config"
+    taken = {n for m in settings.models for n in (m.name, *m.aliases)} | {CLOUD}
+    claimed = {m.upstream_model for m in settings.models}
+    for mid in sorted(listing):
+        if mid not in claimed and mid not in taken:
+            out.append(ModelConfig(name=mid, upstream_model=mid, backends=tuple(listing[mid])))
+            source[mid] = "discovered"
+            taken.add(mid)
+    for m in retiring:
+        if m.name not in taken:
+            out.append(m)
+            source[m.name] = "retiring"
+            taken.add(m.name)
+    return tuple(out), source

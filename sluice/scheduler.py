@@ -21,8 +21,8 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping
 
 from sluice import errors
 from sluice.gates import Gate
@@ -224,6 +224,8 @@ class Scheduler:
         self._depth = 0
         self._active: dict[str, Job] = {}
         self._closed: errors.SluiceError | None = None
+        self._retired: frozenset[str] = frozenset()   # models that take no new jobs (see set_models)
+        self._stale_switch: set[str] = set()          # gates whose running switch the model table overtook
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.totals = dict.fromkeys(("received", "served", "rejected", "timed_out", "cancelled", "failed"), 0)
@@ -320,8 +322,15 @@ class Scheduler:
                 f"queue full ({self._depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
                 "retry later or raise the limit", retry_after=1,
                 headers={"X-Queue-Position": str(self._depth + 1)})
+        if job.model in self._retired:
+            return errors.NotFound(f"model {job.model!r} was removed from the configuration; it takes no new "
+                                   "requests", param="model", code="model_not_found")
         backends = [b for b in self._backends.values() if job.model in b.models]
-        if backends and all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
+        if not backends:
+            return errors.Unavailable(
+                f"no backend serves model {job.model!r} right now (none is configured for it or lists it at "
+                "/v1/models); retry later", retry_after=5)
+        if all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
             return errors.Unavailable(
                 f"no backend for model {job.model!r} is up ({', '.join(b.name for b in backends)} down); "
                 "start the inference server or check its URL", retry_after=5)
@@ -427,20 +436,88 @@ class Scheduler:
                 for model in b.models:
                     if all(o.health is Health.DOWN and not o.gate.exclusive
                            for o in self._backends.values() if model in o.models):
-                        err = errors.Unavailable(
+                        self._strand_locked(model, errors.Unavailable(
                             f"backend {backend!r} for model {model!r} went down; retry when it is back",
-                            retry_after=5)
-                        for job in [j for q in self._queues[model] for j in q]:
-                            if job.fallback_at is not None:
-                                self._reroute_locked(job, self._clock())
-                                job._signal.set()
-                                continue
-                            self._finish_locked(job, Outcome.ERROR, err)
-                            failed.append(job)
+                            retry_after=5), failed)
             self._work.notify()
         self._notify_finished(failed)
 
+    def set_models(self, serving: Mapping[str, Iterable[str]], *, known: Iterable[str] = (),
+                   retired: Iterable[str] | None = None, reason: str = "is no longer served by any backend") -> None:
+        """Replace which models backends serve, all in one step under the lock (manifest discovery, reload).
+
+        `serving`: backend name -> every model it serves from now on (backends not named keep theirs; the
+        set of backends itself is fixed). `known`: models that get a queue even while no backend serves them
+        (their jobs are refused 503 until one does). `retired`, when given, replaces the set of models that
+        take no new jobs but still serve the ones queued (a model a reload removed, until its queue empties).
+
+        One step matters: a model moving from backend A to B never passes through "served by nobody".
+        Jobs in flight are not touched (they finish where they are). Queued jobs of a model some backend
+        still serves stay in place and go to whichever backend frees first; queued jobs of a model that no
+        backend serves now (or only backends that are down) go to the cloud route (fallback) or are
+        failed at once with 503 `model ... {reason}`: never left to time out.
+        """
+        failed: list[Job] = []
+        with self._lock:
+            unknown = set(serving) - set(self._backends)
+            if unknown:
+                raise ValueError(f"no backend named {', '.join(sorted(unknown))}")
+            for name, models in serving.items():
+                b = self._backends[name]
+                new = frozenset(models)
+                if new != b.spec.models:
+                    self._unsettle_gate_locked(b, new)
+                    b.spec = replace(b.spec, models=new)
+            for m in itertools.chain(known, (m for b in self._backends.values() for m in b.models)):
+                if m not in self._queues:
+                    self._queues[m] = [_Level() for _ in range(LEVELS)]
+            if retired is not None:
+                self._retired = frozenset(retired)
+            # Queues are kept even when empty and unserved: a request that resolved the model a moment
+            # before the change must meet a clear 503 here, not be taken for a gate-less (cloud) job.
+            for model, qs in self._queues.items():
+                if not any(qs):
+                    continue
+                backends = [b for b in self._backends.values() if model in b.models]
+                if not backends:
+                    self._strand_locked(model, errors.Unavailable(f"model {model!r} {reason}; retry later",
+                                                                  retry_after=5), failed)
+                elif all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
+                    self._strand_locked(model, errors.Unavailable(
+                        f"model {model!r} moved to backends that are down "
+                        f"({', '.join(b.name for b in backends)}); retry when one is back", retry_after=5), failed)
+            self._work.notify()
+        self._notify_finished(failed)
+
+    def has_jobs(self, model: str) -> bool:
+        """Whether any job for `model` is queued or in flight."""
+        with self._lock:
+            return any(self._queues.get(model, ())) or any(j.model == model for j in self._active.values())
+
     # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
+    def _strand_locked(self, model: str, err: errors.SluiceError, failed: list[Job]) -> None:
+        """Every queued job of `model` has nowhere to go: to the cloud route if it may, else failed now."""
+        for job in [j for q in self._queues[model] for j in q]:
+            if job.fallback_at is not None:
+                self._reroute_locked(job, self._clock())
+                job._signal.set()
+                continue
+            self._finish_locked(job, Outcome.ERROR, err)
+            failed.append(job)
+
+    def _unsettle_gate_locked(self, b: _Backend, new: frozenset[str]) -> None:
+        """`b` is about to serve `new`. On an exclusive gate, if that changes which backends serve the
+        resident model, the backend awake for it may no longer be the one that serves it (or a sleeping one
+        now claims it): forget the resident, so the next grant goes through a full switch that drains, puts
+        every other backend to sleep and wakes the right one."""
+        gate = b.gate
+        if not gate.exclusive:
+            return
+        if gate.switching:
+            self._stale_switch.add(gate.name)     # the switch thread forgets it when it hands the gate back
+        elif gate.resident is not None and (gate.resident in b.models) != (gate.resident in new):
+            gate.resident = None
+
     def _position_locked(self, job: Job, now: float) -> int:
         key = (self._effective(job, now), job.seq)
         return 1 + sum(1 for qs in self._queues.values() for q in qs for j in q
@@ -648,8 +725,12 @@ class Scheduler:
         with self._lock:
             gate.switching = False
             gate.last_switch = phases
+            stale = gate.name in self._stale_switch
+            self._stale_switch.discard(gate.name)
             if failure is None:
                 gate.resident, gate.resident_since, gate.served_since_switch = target, t2, 0
+                if stale:      # the model table changed under the switch: the next grant switches afresh
+                    gate.resident = None
                 gate.switches += 1
                 for name in wakers:
                     self._backends[name].health = Health.READY
@@ -701,5 +782,6 @@ class Scheduler:
                                 for j in self._active.values()],
                 "gates": {g.name: g.view() for g in self._gates.values()},
                 "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
-                                      "gate": b.gate.name, "current": b.current} for b in self._backends.values()},
+                                      "gate": b.gate.name, "current": b.current, "models": sorted(b.models)}
+                             for b in self._backends.values()},
             }

@@ -335,13 +335,29 @@ class Upstream:
 
 
 class HealthMonitor:
-    """Probes every backend every `interval` seconds and reports ready/down to `report(name, ok)`."""
+    """Probes every backend every `interval` seconds and reports ready/down to `report(name, ok)`.
+
+    The same loop reads the manifests (GET {url}/models) of the backends in `discover`, at the first round
+    and then every `manifest_interval` seconds, and hands each to `on_manifest(name, ids)`; `ids` is None
+    when the fetch failed (the caller keeps the last one it had). A backend whose probe failed is not asked:
+    health deals with it. `after_round()` runs after every round (housekeeping that wants a slow tick).
+    """
 
     def __init__(self, upstreams: dict[str, tuple[Upstream, str | None]], report: Callable[[str, bool], None],
-                 interval: float = 2.0):
+                 interval: float = 2.0, *, discover: frozenset[str] | set[str] = frozenset(),
+                 on_manifest: Callable[[str, list[str] | None], None] | None = None,
+                 manifest_interval: float = 30.0, after_round: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self._upstreams = upstreams
         self._report = report
         self._interval = interval
+        self._discover = frozenset(discover)
+        self._on_manifest = on_manifest
+        self.manifest_interval = manifest_interval
+        self._after_round = after_round
+        self._clock = clock
+        self._manifest_due: dict[str, float] = {}    # backend -> when its manifest is next read
+        self._manifests_now = False                  # set by kick(manifests=True); read by the loop
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
@@ -356,21 +372,82 @@ class HealthMonitor:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def kick(self) -> None:
-        """Probe now (a forward just failed to connect)."""
+    def kick(self, manifests: bool = False) -> None:
+        """Probe now (a forward just failed to connect); with `manifests`, re-read every manifest too."""
+        if manifests:
+            self._manifests_now = True
         self._kick.set()
 
     def probe_all(self) -> None:
+        refresh, self._manifests_now = self._manifests_now, False
         for name, (up, path) in self._upstreams.items():
             if self._stop.is_set():
                 return
-            self._report(name, up.probe(timeout=min(2.0, self._interval * 2), health_path=path))
+            ok = up.probe(timeout=min(2.0, self._interval * 2), health_path=path)
+            self._report(name, ok)
+            if ok and name in self._discover and self._on_manifest is not None:
+                now = self._clock()
+                if refresh or now >= self._manifest_due.get(name, now):
+                    self._read_manifest(name, up, now)
+        if self._after_round is not None:
+            try:
+                self._after_round()
+            except Exception:   # housekeeping must never stop the probes
+                log.exception("health monitor: after-round hook failed")
+
+    def _read_manifest(self, name: str, up: Upstream, now: float) -> None:
+        try:
+            ids = fetch_manifest(up, timeout=min(5.0, max(1.0, self._interval * 2)))
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            log.debug("backend %s: reading GET %s/models failed: %s", name, up.url, e)
+            ids = None    # not rescheduled: tried again next round
+        else:
+            self._manifest_due[name] = now + self.manifest_interval
+        try:
+            self._on_manifest(name, ids)
+        except Exception:
+            log.exception("health monitor: manifest handler failed for %s", name)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             self.probe_all()
             self._kick.wait(self._interval)
             self._kick.clear()
+
+
+MAX_MANIFEST_BYTES = 4 << 20
+
+
+def fetch_manifest(up: Upstream, timeout: float = 2.0) -> list[str]:
+    """The model ids a backend serves, from its OpenAI list at GET {url}/models (`data[].id`).
+
+    Raises OSError / HTTPException on transport failure and ValueError on a non-200 answer or a body that
+    is not such a list: a manifest is taken whole or not at all, never guessed from half an answer.
+    """
+    conn = up._new_conn(timeout)
+    try:
+        conn.request("GET", up.base_path + "/models", headers=up._auth)
+        resp = conn.getresponse()
+        data = resp.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise ValueError(f"answered {resp.status}")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"model list larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("model list is not JSON") from None
+    items = obj.get("data") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        raise ValueError("model list has no data array")
+    ids = []
+    for item in items:
+        mid = item.get("id") if isinstance(item, dict) else None
+        if isinstance(mid, str) and mid.strip() and len(mid) <= 512 and mid not in ids:
+            ids.append(mid)
+    return ids
 
 
 def json_body(data: bytes, backend: str) -> dict:

@@ -45,6 +45,9 @@ class FakeBackend:
         self.shared_log: list | None = None   # several fakes can share one log to check cross-server order
         self.reply_after_wake: str | None = None   # answer differently once woken (a broken wake)
         self.woken = False
+        self.manifest: list[str] | None = None   # what GET /v1/models lists (None: just `model`); change at will
+        self.manifest_status = 200               # answer GET /v1/models with this (500: a failing manifest)
+        self.manifest_reads = 0                  # GET /v1/models answered so far
         self._released = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -60,10 +63,16 @@ class FakeBackend:
             def do_GET(self):
                 if self.path == "/is_sleeping":
                     return self._json(200, {"is_sleeping": outer.sleeping})
-                if self.path in ("/health", "/v1/models"):
-                    body = {"status": "ok"} if self.path == "/health" else {
-                        "object": "list", "data": [{"id": outer.model, "object": "model"}]}
-                    self._json(200, body)
+                if self.path == "/health":
+                    self._json(200, {"status": "ok"})
+                elif self.path == "/v1/models":
+                    ids = [outer.model] if outer.manifest is None else list(outer.manifest)
+                    status = outer.manifest_status
+                    self._json(status, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+                               if status == 200 else {"error": "manifest failed"})
+                    with outer._cond:
+                        outer.manifest_reads += 1
+                        outer._cond.notify_all()
                 else:
                     self._json(404, {"error": "not found"})
 
@@ -133,6 +142,9 @@ class FakeBackend:
 
     def wait_disconnects(self, n: int = 1, timeout: float = 5.0) -> bool:
         return self._wait_for(lambda: len(self.disconnects) >= n, timeout)
+
+    def wait_manifest_reads(self, n: int, timeout: float = 5.0) -> bool:
+        return self._wait_for(lambda: self.manifest_reads >= n, timeout)
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         return self._wait_for(lambda: self.current == 0, timeout)

@@ -134,3 +134,97 @@ def test_cli_config_shows_the_ram_tier():
 def test_ram_tiers():
     from sluice.supervisor import ram_tier_idle_s
     assert [ram_tier_idle_s(g * 10 ** 9) for g in (8, 24, 63, 64, 128)] == [180, 300, 300, 600, 600]
+
+
+def test_backend_models_list_or_discovery(tmp_path):
+    p = write(tmp_path, """
+[[backends]]
+name = "given"
+url = "http://127.0.0.1:9001/v1"
+models = ["Qwen/Qwen3-8B"]
+
+[[backends]]
+name = "asks"
+url = "http://127.0.0.1:9002/v1"
+
+[[backends]]
+name = "says"
+url = "http://127.0.0.1:9003/v1"
+models = "discover"
+
+[[backends]]
+name = "run"
+engine = "mlx-lm"
+model_path = "m"
+
+[[backends]]
+name = "mapped"
+url = "http://127.0.0.1:9004/v1"
+
+[[models]]
+name = "qwen"
+upstream_model = "Qwen/Qwen3-8B"
+
+[[models]]
+name = "llama"
+backends = ["mapped"]
+""")
+    s = load(p, environ={})
+    b = {x.name: x for x in s.backends}
+    assert (b["given"].discover, b["given"].models) == (False, ("Qwen/Qwen3-8B",))
+    assert b["asks"].discover and b["says"].discover and b["says"].models == ()
+    assert not b["mapped"].discover                       # mapped by hand in [[models]]: not asked
+    assert not b["run"].discover                          # sluice starts it on demand: nothing to ask yet
+    assert s.models[0].backends == () and s.manifest_interval_s == 30
+    # the seed's defaults stay for the env-only case, with their manifests given
+    d = load(environ={})
+    assert not any(x.discover for x in d.backends)
+    assert {x.name: x.models for x in d.backends}["fast"] == ("mlx-community/Qwen3-1.7B-4bit",)
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[backends]]\nname="a"\nurl="http://x/v1"\nmodels=[]\n[[models]]\nname="m"\n',
+     "models.m.backends: must name at least one backend"),
+    ('[[backends]]\nname="a"\nurl="http://x/v1"\nmodels=["x"]\ndiscover=true\n', "backends.a.discover: give either"),
+    ('[[backends]]\nname="a"\nengine="mlx-lm"\nmodel_path="m"\nmodels="discover"\n',
+     "backends.a.models: a backend sluice runs itself cannot discover"),
+    ('[server]\nmanifest_interval_s=0\n', "server.manifest_interval_s: must be > 0"),
+])
+def test_bad_discovery_settings_name_the_dotted_path(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text), environ={})
+    assert message in str(e.value)
+
+
+def test_model_table_rules(tmp_path):
+    from sluice.config import ModelConfig, model_table
+    s = load(write(tmp_path, """
+[[backends]]
+name = "a"
+url = "http://127.0.0.1:9001/v1"
+[[backends]]
+name = "b"
+url = "http://127.0.0.1:9002/v1"
+[[models]]
+name = "qwen"
+aliases = ["q"]
+upstream_model = "Qwen/Qwen3-8B"
+backends = ["a"]
+[[models]]
+name = "llama"
+upstream_model = "meta/llama"
+"""), environ={})
+    old = ModelConfig(name="old", upstream_model="old-id", backends=("a",))
+    taken = ModelConfig(name="q", upstream_model="x", backends=("a",))
+    models, source = model_table(s, {"a": ["Qwen/Qwen3-8B", "q", "cloud", "phi"], "b": ["Qwen/Qwen3-8B", "meta/llama",
+                                                                                       "phi"]}, [old, taken])
+    table = {m.name: (m.upstream_model, m.backends) for m in models}
+    assert table == {
+        "qwen": ("Qwen/Qwen3-8B", ("a", "b")),   # named backend kept; b lists its upstream id
+        "llama": ("meta/llama", ("b",)),          # no backend named: served where listed
+        "phi": ("phi", ("a", "b")),               # unclaimed id: a model of its own name
+        "old": ("old-id", ("a",)),                # retiring: as it was
+    }                                             # "q" and "cloud" are configured/reserved names: skipped
+    assert source == {"qwen": "config", "llama": "config", "phi": "discovered", "old": "retiring"}
+    models, _ = model_table(s, {})                # nothing listed yet: only what the file pins
+    assert {m.name: m.backends for m in models} == {"qwen": ("a",), "llama": ()}

@@ -391,3 +391,22 @@ def test_end_to_end_wake_failure_answers_503_fast(make_app, make_backend):
     status, _, _ = call(app, "POST", "/v1/chat/completions",
                         {"model": "qwen", "messages": [{"role": "user", "content": "x"}]})
     assert status == 200
+
+
+def test_model_moved_off_the_awake_backend_switches_afresh_after_the_drain():
+    """Reload/discovery moves the resident model from A (awake) to B (asleep): nothing is sent to B until a
+    full switch has drained A's in-flight job, put A to sleep and woken B."""
+    r = Rig(slots=2)
+    a1 = r.submit("a")
+    r.dispatch(expect_switch=True)
+    assert granted(a1) == [True] and a1.backend == "A"
+    r.switcher.calls.clear()
+    r.s.set_models({"A": set(), "B": {"a", "b"}})
+    a2 = r.submit("a")
+    r.dispatch()
+    assert a2.state is JobState.QUEUED and r.gate().resident is None   # B is asleep: not granted there
+    assert r.switcher.calls == [] and r.gate().state == "draining"     # a1 (in flight) finishes first
+    r.s.finish(a1, Outcome.OK)
+    r.dispatch(expect_switch=True)
+    assert ("A", "sleep") in r.switcher.calls and r.switcher.calls[-1] == ("B", "wake")
+    assert a2.state is JobState.GRANTED and a2.backend == "B" and r.gate().resident == "a"

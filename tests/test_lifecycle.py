@@ -111,3 +111,130 @@ def test_busy_port_is_a_clear_error(tmp_path, daemon_env):
         assert r.returncode == 1 and "cannot listen" in r.stderr and "SLUICE_PORT" in r.stderr
     finally:
         d.stop()
+
+
+RELOAD_BEFORE = """
+[[gates]]
+name = "gpu"
+slots = 2
+
+[[backends]]
+name = "one"
+url = "{one}"
+slots = 1
+models = []
+
+[[backends]]
+name = "two"
+url = "{two}"
+slots = 1
+models = []
+
+[[models]]
+name = "keep"
+aliases = ["k1"]
+upstream_model = "keep-v1"
+backends = ["one"]
+
+[[models]]
+name = "doomed"
+upstream_model = "doomed-v1"
+backends = ["one"]
+
+[[models]]
+name = "gone"
+upstream_model = "gone-v1"
+backends = ["one"]
+
+[[models]]
+name = "mover"
+upstream_model = "mover-v1"
+backends = ["one"]
+"""
+
+RELOAD_AFTER = RELOAD_BEFORE[:RELOAD_BEFORE.index("[[models]]")] + """
+[[models]]
+name = "keep"
+aliases = ["k2"]
+upstream_model = "keep-v2"
+backends = ["one"]
+
+[[models]]
+name = "fresh"
+aliases = ["gone"]                # a removed model's name, reused
+upstream_model = "fresh-v1"
+backends = ["two"]
+
+[[models]]
+name = "mover"
+upstream_model = "mover-v1"
+backends = ["two"]
+"""
+
+
+def test_reload_adds_removes_and_changes_models_without_dropping_queued_or_inflight_work(make_app, make_backend,
+                                                                                       tmp_path):
+    from sluice.config import ConfigError, load
+    one, two = make_backend(), make_backend()
+    app = make_app(toml=RELOAD_BEFORE.format(one=one.url, two=two.url))
+    env = base_env(tmp_path)
+    after = tmp_path / "after.toml"
+    after.write_text(RELOAD_AFTER.format(one=one.url, two=two.url))
+    one.holding = True
+    results: dict = {}
+
+    def send(key, path, body):
+        t = threading.Thread(target=lambda: results.update({key: call(app, "POST", path, body)}))
+        t.start()
+        return t
+
+    def chat(model, text):
+        return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+    threads = [send("inflight", "/v1/chat/completions", chat("k1", "inflight"))]
+    assert one.wait_arrivals(1)
+    threads += [send("doomed", "/v1/query", {"model": "doomed", "prompt": "doomed"}),   # native: upstream id late
+                send("gone", "/v1/chat/completions", chat("gone", "gone")),
+                send("mover", "/v1/chat/completions", chat("mover", "mover"))]
+    wait_for(lambda: app.scheduler.snapshot()["pending"] == 3, what="three queued behind the busy slot")
+
+    app.reload(load(after, environ=env))
+
+    threads[2].join(5)                     # its name now means another model: failed at once, clearly
+    status, _, body = results["gone"]
+    assert status == 503 and "removed from the configuration" in body["error"]["message"]
+    threads[3].join(5)                     # moved to backend two: served there while one is still busy
+    status, headers, _ = results["mover"]
+    assert status == 200 and headers["X-Sluice-Backend"] == "two" and two.arrivals[-1]["model"] == "mover-v1"
+    ids = {m["id"] for m in call(app, "GET", "/v1/models")[2]["data"]}
+    assert {"keep", "k2", "fresh", "gone", "mover"} <= ids and "k1" not in ids
+    assert call(app, "POST", "/v1/chat/completions", chat("k1", "x"))[0] == 404            # old alias
+    status, _, body = call(app, "POST", "/v1/chat/completions", chat("doomed", "late"))    # removed: no new work
+    assert status == 404 and "removed from the configuration" in body["error"]["message"]
+    status, headers, _ = call(app, "POST", "/v1/chat/completions", chat("gone", "new meaning"))
+    assert status == 200 and headers["X-Sluice-Backend"] == "two" and two.arrivals[-1]["model"] == "fresh-v1"
+    assert app.scheduler.snapshot()["pending"] == 1                                        # doomed keeps its place
+    assert {m["name"]: m["source"] for m in call(app, "GET", "/admin/status")[2]["models"]}["doomed"] == "retiring"
+
+    one.release_all()
+    for t in threads:
+        t.join(5)
+    assert results["inflight"][0] == 200 and results["inflight"][2]["model"] == "keep-v1"   # finished as it began
+    status, _, body = results["doomed"]
+    assert status == 200 and body["result"] == "echo: doomed"
+    assert [a["model"] for a in one.arrivals] == ["keep-v1", "doomed-v1"]
+    wait_for(lambda: "doomed" not in {m["id"] for m in call(app, "GET", "/v1/models")[2]["data"]},
+             what="the removed model leaves once its queue is done")
+    status, _, body = call(app, "POST", "/v1/chat/completions", chat("k2", "new alias"))
+    assert status == 200 and one.arrivals[-1]["model"] == "keep-v2"
+
+    # A reload that changes backends is refused; the running configuration stays.
+    moved = tmp_path / "moved.toml"
+    moved.write_text(RELOAD_AFTER.format(one=one.url, two=one.url))
+    with pytest.raises(ConfigError, match="restart sluice"):
+        app.reload(load(moved, environ=env))
+    assert call(app, "POST", "/v1/chat/completions", chat("fresh", "still"))[0] == 200
+    assert two.arrivals[-1]["model"] == "fresh-v1"
+    t = call(app, "GET", "/v1/queue/status")[2]
+    assert t["total_received"] == t["total_served"] + t["total_errors"] + t["total_rejected"] + \
+        t["total_timeouts"] + t["total_cancelled"]

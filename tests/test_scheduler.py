@@ -304,3 +304,102 @@ def test_max_queued_per_key_is_429_for_that_key_only():
         s.submit(Job("a", client="k", max_queued=2))
     assert e.value.status == 429 and errors.response_headers(e.value)["Retry-After"] == "1"
     s.submit(Job("a", client="other", max_queued=2))
+
+
+# ---- a live model table (manifest discovery, reload) -----------------------------------------------------
+def pool(clock=None):
+    """Two one-slot backends on a four-slot gate: b1 serves a and b, b2 serves c."""
+    clock = clock or Clock()
+    s = Scheduler([GateConfig("gpu", slots=4)], [BackendSpec("b1", "gpu", frozenset({"a", "b"}), slots=1),
+                                                 BackendSpec("b2", "gpu", frozenset({"c"}), slots=1)], clock=clock)
+    for b in ("b1", "b2"):
+        s.set_health(b, Health.READY)
+    return s
+
+
+def dispatch(s: Scheduler) -> None:
+    with s._lock:
+        s._dispatch_locked()
+
+
+def test_set_models_moves_queued_jobs_to_a_backend_that_still_serves_them():
+    s = pool()
+    busy, blocker = Job("a", id="busy"), Job("c", id="blocker")
+    s.submit(busy)
+    s.submit(blocker)
+    assert busy.backend == "b1" and blocker.backend == "b2"
+    queued = Job("b", id="queued")
+    s.submit(queued)
+    assert queued.state is JobState.QUEUED
+    s.set_models({"b1": {"a"}, "b2": {"b", "c"}})      # b leaves b1 for b2 in one step: never unserved
+    assert queued.state is JobState.QUEUED              # b2 is busy: it keeps its place
+    s.finish(blocker, Outcome.OK)
+    dispatch(s)
+    assert queued.state is JobState.GRANTED and queued.backend == "b2"
+    assert busy.state is JobState.GRANTED and busy.backend == "b1"   # in flight: untouched
+
+
+def test_set_models_fails_jobs_left_with_no_backend_at_once_and_keeps_in_flight_ones():
+    s = pool()
+    busy = Job("a")
+    s.submit(busy)
+    queued_a, queued_b = Job("a"), Job("b")
+    s.submit(queued_a)
+    s.submit(queued_b)
+    s.set_models({"b1": {"b"}}, reason="left the manifest")
+    assert queued_a.outcome is Outcome.ERROR and isinstance(queued_a.error, errors.Unavailable)
+    assert queued_a.error.message == "model 'a' left the manifest; retry later"
+    assert queued_b.state is JobState.QUEUED and busy.state is JobState.GRANTED
+    with pytest.raises(errors.Unavailable) as e:       # a request that resolved 'a' a moment ago: a clear 503
+        s.submit(Job("a"))
+    assert "no backend serves model 'a'" in e.value.message
+    s.finish(busy, Outcome.OK)                          # its slot is freed as usual
+    dispatch(s)
+    assert queued_b.state is JobState.GRANTED
+    snap = s.snapshot()
+    assert snap["backends"]["b1"]["models"] == ["b"]
+    t = snap["totals"]
+    assert t["received"] == t["served"] + t["rejected"] + t["timed_out"] + t["cancelled"] + t["failed"] + \
+        snap["pending"] + snap["active"]
+
+
+def test_set_models_adds_queues_for_new_models_and_known_ones_without_a_backend():
+    s = pool()
+    s.set_models({"b2": {"c", "d"}}, known=["e"])
+    job = Job("d")
+    s.submit(job)
+    assert job.state is JobState.GRANTED and job.backend == "b2"
+    with pytest.raises(errors.Unavailable):
+        s.submit(Job("e"))                               # known, but nothing serves it yet
+    with pytest.raises(ValueError):
+        s.set_models({"ghost": {"a"}})
+
+
+def test_set_models_reroutes_a_fallback_job_instead_of_failing_it():
+    s = pool()
+    s.submit(Job("a"))
+    job = Job("a")
+    job.fallback_at = 10 ** 9
+    s.submit(job)
+    s.set_models({"b1": {"b"}})
+    assert job.state is JobState.GRANTED and job.rerouted and job.backend is None
+
+
+def test_retired_model_takes_no_new_jobs_but_serves_its_queued_ones():
+    s = pool()
+    busy = Job("a")
+    s.submit(busy)
+    queued = Job("b")
+    s.submit(queued)
+    s.set_models({}, retired={"b"})
+    with pytest.raises(errors.NotFound) as e:
+        s.submit(Job("b"))
+    assert "removed from the configuration" in e.value.message
+    assert s.has_jobs("b")
+    s.finish(busy, Outcome.OK)
+    dispatch(s)
+    assert queued.state is JobState.GRANTED
+    s.finish(queued, Outcome.OK)
+    assert not s.has_jobs("b")
+    s.set_models({}, retired=())
+    s.submit(Job("b"))                                   # back in service
