@@ -252,7 +252,6 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
     """Time pieces of sluice's per-request work in this process, with sluice's own objects (an App built
     from the same config as bench/overhead.py, logging set up as the daemon does, files in a temp dir).
     Each piece: `repeat` rounds of `n` calls; µs per call, median [min] of the rounds."""
-    import io
     import json as _json
     import logging
     import socket

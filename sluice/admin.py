@@ -33,7 +33,7 @@ class Admin:
     def status_doc(self) -> dict:
         app = self.app
         s = app.settings
-        models, sources = app.models, app.model_sources     # the live table (one assignment: a whole one)
+        models, sources = app.table.models, app.table.sources
         snap = app.scheduler.snapshot()
         by_priority = {str(p): 0 for p in range(5)}
         by_model: dict[str, dict[str, int]] = {}
@@ -57,7 +57,7 @@ class Admin:
                              "inflight": live["inflight"], "slots": live["slots"],
                              "models": sorted(n for m in models if b.name in m.backends
                                               for n in (m.name, *m.aliases)),
-                             "discover": b.discover, "manifest": app.manifest(b.name)})
+                             "discover": b.discover, "manifest": app.table.manifest(b.name)})
         return {
             "version": __version__, "uptime_s": round(time.monotonic() - app.started, 1),
             "status": health["status"],

@@ -22,8 +22,9 @@ from sluice import __version__, errors, logfile
 from sluice.admin import Admin
 from sluice.api import Api
 from sluice.cloud import Cloud
-from sluice.config import ConfigError, ModelConfig, Settings, model_table
+from sluice.config import ConfigError, Settings
 from sluice.metrics import SluiceMetrics
+from sluice.models import ModelTable
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server
 from sluice.supervisor import ProcessSpec, State, Supervisor, ram_tier_idle_s, spec_for
@@ -76,22 +77,12 @@ class App:
         urls = {b.name: b.url for b in settings.backends}
         urls.update({p.name: f"http://127.0.0.1:{p.port}/v1" for p in procs})
         self.upstreams = {b.name: Upstream(b.name, urls[b.name], b.api_key) for b in settings.backends}
-        # The live model table: the configured models, widened by what backends list (their manifests,
-        # given or discovered) and by removed models still finishing queued work. `_table_lock` keeps its
-        # writers (the health thread, a reload) in order; readers see whole tables only.
-        self._table_lock = threading.Lock()
-        self._manifests: dict[str, frozenset[str]] = {b.name: frozenset(b.models) for b in settings.backends
-                                                      if not b.discover}
-        self._retiring: dict[str, ModelConfig] = {}
-        self._manifest_failing: set[str] = set()
-        models, self.model_sources = model_table(settings, self._manifests)
-        self.models = models
-        specs = [BackendSpec(b.name, b.gate, frozenset(m.name for m in models if b.name in m.backends),
-                             b.slots, b.jit_swap) for b in settings.backends]
+        self.table = ModelTable(settings)
+        specs = [BackendSpec(b.name, b.gate, self.table.serving(b.name), b.slots, b.jit_swap)
+                 for b in settings.backends]
         self.scheduler = Scheduler(settings.gates, specs, max_queue_depth=settings.max_queue_depth,
                                    aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch,
                                    on_switch=lambda gate, phases: self.metrics.record_switch(gate, phases))
-        self.scheduler.set_models({}, known=[m.name for m in models])   # a queue even before a backend has it
         self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
                            settings.claude_bin, environ)
         # Managed backends are probed by their supervisor; the health monitor watches the others.
@@ -103,10 +94,11 @@ class App:
                                      for b in settings.backends if not b.managed},
                                     self._report_health, settings.health_interval_s,
                                     discover={b.name for b in settings.backends if b.discover},
-                                    on_manifest=self._manifest, manifest_interval=settings.manifest_interval_s,
-                                    after_round=self._retire_drained)
-        self.api = Api(self._effective(settings, models), self.scheduler, self.upstreams, self.cloud,
+                                    on_manifest=self.table.report, manifest_interval=settings.manifest_interval_s,
+                                    after_round=self.table.retire_drained)
+        self.api = Api(self.table.effective(), self.scheduler, self.upstreams, self.cloud,
                        on_backend_refused=self._backend_refused, started=self.started, use_backend=self._use_backend)
+        self.table.bind(self.scheduler, self.api.reconfigure)
         self.admin = Admin(self)
         self.metrics = SluiceMetrics(__version__, self.admin.status_doc, lambda: time.monotonic() - self.started)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
@@ -180,83 +172,16 @@ class App:
                               "restart sluice to apply those (the running configuration is kept)")
         if not is_loopback(new.host) and not new.keys and not new.allow_unauthenticated:
             raise ConfigError("the new configuration has no API keys for a non-loopback address")
-        with self._table_lock:
-            before = {m.name: m for m in self.models}
-            for b in new.backends:
-                if not b.discover:
-                    self._manifests[b.name] = frozenset(b.models)
-            kept, _ = model_table(new, self._manifests)
-            names = {n for m in kept for n in (m.name, *m.aliases)}
-            for name, m in before.items():
-                if name not in names and self.scheduler.has_jobs(name):
-                    self._retiring[name] = m       # as it was served: its backends, its upstream id
-            self.settings = new
-            self._backend_cfg = {b.name: b for b in new.backends}
-            self._apply_table_locked("was removed from the configuration by a reload (or renamed, or no "
-                                     "backend serves it now)")
-            added = sorted(set(m.name for m in self.models) - set(before))
-            removed = sorted(set(before) - set(m.name for m in self.models))
+        changes = self.table.reload(new)
+        self.settings = new
+        self._backend_cfg = {b.name: b for b in new.backends}
         self.scheduler.max_queue_depth = new.max_queue_depth
         self.scheduler.aging_s = new.aging_s
         self.server.client_timeout_s = new.client_timeout_s
         self.server.max_connections = new.max_connections
         self.health.manifest_interval = new.manifest_interval_s
-        log.info("configuration reloaded (%d key(s), queue depth %d; models added: %s; removed: %s; "
-                 "retiring until their queued requests are done: %s)", len(new.keys), new.max_queue_depth,
-                 ", ".join(added) or "none", ", ".join(removed) or "none", ", ".join(self._retiring) or "none")
-
-    # ---- the live model table ---------------------------------------------------------------------------
-    @staticmethod
-    def _effective(settings: Settings, models) -> Settings:
-        """The settings the request path sees: the configured ones with the live model table."""
-        return settings if models == settings.models else dataclasses.replace(settings, models=tuple(models))
-
-    def _apply_table_locked(self, reason: str) -> None:
-        """Recompute the model table and hand it to the scheduler, then to the request path (caller holds
-        `_table_lock`). The scheduler first: a model is queueable before a request can name it, and a
-        request that named a model just dropped meets the scheduler's clear 503."""
-        models, sources = model_table(self.settings, self._manifests, self._retiring.values())
-        self._retiring = {n: m for n, m in self._retiring.items() if sources.get(n) == "retiring"}
-        serving = {b.name: frozenset(m.name for m in models if b.name in m.backends) for b in self.settings.backends}
-        self.scheduler.set_models(serving, known=[m.name for m in models], retired=self._retiring, reason=reason)
-        self.models, self.model_sources = models, sources
-        self.api.reconfigure(self._effective(self.settings, models))
-
-    def manifest(self, backend: str) -> list[str] | None:
-        """What a backend serves as sluice knows it (None: a discovering backend that has not told yet)."""
-        ids = self._manifests.get(backend)
-        return sorted(ids) if ids is not None else None
-
-    def _manifest(self, backend: str, ids: list[str] | None) -> None:
-        """A discovering backend's GET /v1/models, read by the health thread (None: that read failed)."""
-        if ids is None:
-            # Keep the last list: a backend that is really gone fails its probe and health takes it out.
-            if backend not in self._manifest_failing:
-                self._manifest_failing.add(backend)
-                log.warning("backend %s: cannot read its model list (GET /v1/models); keeping the last one",
-                            backend)
-            return
-        self._manifest_failing.discard(backend)
-        new = frozenset(ids)
-        with self._table_lock:
-            if self._manifests.get(backend) == new:
-                return
-            self._manifests[backend] = new
-            log.info("backend %s lists %d model(s): %s", backend, len(new), ", ".join(sorted(new)) or "none")
-            self._apply_table_locked(f"is no longer served by any backend ({backend!r} stopped listing it at "
-                                     "GET /v1/models)")
-
-    def _retire_drained(self) -> None:
-        """Drop retiring models whose queued and in-flight jobs are all done (on the health thread's tick)."""
-        if not self._retiring:
-            return
-        with self._table_lock:
-            done = [n for n in self._retiring if not self.scheduler.has_jobs(n)]
-            if done:
-                for n in done:
-                    del self._retiring[n]
-                log.info("removed model(s) %s: their last queued requests are done", ", ".join(done))
-                self._apply_table_locked("was removed from the configuration")
+        log.info("configuration reloaded (%d key(s), queue depth %d; %s)", len(new.keys), new.max_queue_depth,
+                 changes)
 
     def __enter__(self) -> "App":
         return self.start()

@@ -11,7 +11,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 GATE_MODES = ("shared", "exclusive")
 POLICIES = ("fifo", "cost-aware", "drain-first")
@@ -453,43 +453,3 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
     return Settings(**values, gates=gates, backends=backends, models=models, keys=keys,
                     config_path=Path(path) if path else None, sources=sources)
 
-
-def model_table(settings: Settings, manifests: Mapping[str, Iterable[str]],
-                retiring: Iterable[ModelConfig] = ()) -> tuple[tuple[ModelConfig, ...], dict[str, str]]:
-    """The models clients may ask for now, each with the backends that serve it, given backend manifests.
-
-    `manifests`: backend name -> the upstream model ids it serves (a `models` list from the file, or what
-    its GET /v1/models said last; a backend not in it has told nothing yet). Returns the models (each
-    ModelConfig's `backends` filled in) and where each came from: "config", "discovered" or "retiring".
-
-    1. A `[[models]]` entry is served by the backends it names, whatever their manifests say (the operator
-       said so), and also by every backend whose manifest lists its `upstream_model`.
-    2. A manifest id that no `[[models]]` entry has as its upstream_model becomes a model of that name,
-       served by every backend listing it; unless the id is already a configured name or alias, or `cloud`
-       (the configured name wins).
-    3. `retiring` models (removed by a reload while jobs were queued) keep the backends they had, unless
-       the new configuration uses their name.
-    """
-    listing: dict[str, list[str]] = {}
-    for b in settings.backends:
-        for mid in manifests.get(b.name, ()):
-            listing.setdefault(mid, []).append(b.name)
-    out: list[ModelConfig] = []
-    source: dict[str, str] = {}
-    for m in settings.models:
-        extra = [b for b in listing.get(m.upstream_model, ()) if b not in m.backends]
-        out.append(replace(m, backends=m.backends + tuple(extra)) if extra else m)
-        source[m.name] = "config"
-    taken = {n for m in settings.models for n in (m.name, *m.aliases)} | {CLOUD}
-    claimed = {m.upstream_model for m in settings.models}
-    for mid in sorted(listing):
-        if mid not in claimed and mid not in taken:
-            out.append(ModelConfig(name=mid, upstream_model=mid, backends=tuple(listing[mid])))
-            source[mid] = "discovered"
-            taken.add(mid)
-    for m in retiring:
-        if m.name not in taken:
-            out.append(m)
-            source[m.name] = "retiring"
-            taken.add(m.name)
-    return tuple(out), source

@@ -197,7 +197,8 @@ def test_bad_discovery_settings_name_the_dotted_path(tmp_path, text, message):
 
 
 def test_model_table_rules(tmp_path):
-    from sluice.config import ModelConfig, model_table
+    from sluice.config import ModelConfig
+    from sluice.models import model_table
     s = load(write(tmp_path, """
 [[backends]]
 name = "a"
