@@ -50,6 +50,7 @@ from types import MappingProxyType
 from typing import Callable, Iterator, Mapping, Sequence
 
 from sluice import errors
+from sluice.upstream import Upstream
 
 log = logging.getLogger("sluice.supervisor")
 
@@ -477,6 +478,9 @@ class ManagedBackend:
         self.last_exit: int | None = None
         self._changes: deque[tuple[State, State]] = deque()
         self._flush_lock = threading.RLock()   # re-entrant: on_change may call back into this backend
+        # vLLM's sleep/wake calls: the same client code the gate's switch uses for servers sluice doesn't run
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host
+        self._engine_api = Upstream(spec.name, f"http://{host}:{spec.port}")
 
     # ---- read-only views (lock-free reads of single attributes are atomic) -----------------------------
     @property
@@ -564,11 +568,17 @@ class ManagedBackend:
 
     def sleep(self, timeout: float | None = None) -> State:
         """Free the GPU: vLLM sleep (level 1 or 2), or stop for `stop` engines; `none` keeps it running.
-        A failed sleep escalates to stop. Blocks until settled; returns the state it settled in."""
-        deadline = time.monotonic() + (self.spec.start_timeout_s if timeout is None else timeout)
+        A failed sleep escalates to stop. Blocks until settled; returns the state it settled in. Raises
+        errors.Unavailable when another transition (a start, restart or wake) has not settled by `timeout`."""
+        t = self.spec.start_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + t
         with self._cond:
             if not self._wait_unowned_locked(deadline):
-                return self._state
+                # Not taken down: returning would let a gate switch load the next model beside this one while
+                # it is still loading (a slow restart after a crash). Failing makes the switch stop() it,
+                # which preempts that transition.
+                raise errors.Unavailable(f"backend {self.name} could not be put to sleep: still {self._op} "
+                                         f"({self._state.value}) after {t:g}s", retry_after=5)
             if self._state is not State.READY or self.spec.sleep_method == "none":
                 return self._state
             if self.spec.sleep_method == "stop":
@@ -952,18 +962,13 @@ class ManagedBackend:
         finally:
             self._flush()
 
-    def _control(self, method: str, path: str, body=None) -> None:
-        status, data = _http(self.spec.host, self.spec.port, method, path, body, timeout=self.spec.sleep_timeout_s)
-        if not 200 <= status < 300:
-            raise RuntimeError(f"{method} {path} answered HTTP {status}: {data[:200]!r}")
-
     def _run_sleep(self, token: object) -> None:
         """Owner of READY -> SLEEPING (state already SLEEPING): POST /sleep?level=N; on failure, stop."""
         level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
         try:
             try:
-                self._control("POST", f"/sleep?level={level}")
-            except (OSError, http.client.HTTPException, RuntimeError) as e:
+                self._engine_api.vllm_sleep(level, timeout=self.spec.sleep_timeout_s)
+            except errors.SluiceError as e:
                 with self._cond:
                     if not self._owns(token):
                         return
@@ -983,14 +988,11 @@ class ManagedBackend:
         """Owner of SLEEPING -> READY (state already STARTING). A failed wake restarts the process."""
         level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
         try:
-            self._control("POST", "/wake_up")
-            if level == 2:
-                self._control("POST", "/collective_rpc", {"method": "reload_weights"})
-                self._control("POST", "/reset_prefix_cache")
+            self._engine_api.vllm_wake(level, timeout=self.spec.sleep_timeout_s)
             ok, why, _ = self._probe(self.spec.probe_timeout_s)
             if not ok:
                 raise RuntimeError(f"not healthy after wake_up: {why}")
-        except (OSError, http.client.HTTPException, RuntimeError) as e:
+        except (errors.SluiceError, RuntimeError) as e:
             with self._cond:
                 if not self._owns(token):
                     return

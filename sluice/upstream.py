@@ -300,18 +300,20 @@ class Upstream:
         finally:
             conn.close()
         if not 200 <= resp.status < 300:
-            raise errors.BadGateway(f"backend {self.name!r}: POST {path} answered {resp.status}: {out[:200]!r}")
+            raise errors.BadGateway(f"backend {self.name!r}: POST {path} answered HTTP {resp.status}: {out[:200]!r}")
         return out
 
-    def vllm_sleep(self, level: int) -> None:
-        self.control(f"/sleep?level={level}")
+    def vllm_sleep(self, level: int, timeout: float = 300.0) -> None:
+        """vLLM's sleep mode (the one implementation: the gate's switch and the supervisor both call it)."""
+        self.control(f"/sleep?level={level}", timeout=timeout)
 
-    def vllm_wake(self, level: int) -> None:
-        """Level 1 keeps weights in CPU memory; level 2 discarded them, so reload them and reset the cache."""
-        self.control("/wake_up")
+    def vllm_wake(self, level: int, timeout: float = 300.0) -> None:
+        """Level 1 keeps weights in CPU memory; level 2 discarded them, so reload them and reset the cache.
+        `timeout` bounds each call."""
+        self.control("/wake_up", timeout=timeout)
         if level == 2:
-            self.control("/collective_rpc", {"method": "reload_weights"})
-            self.control("/reset_prefix_cache")
+            self.control("/collective_rpc", {"method": "reload_weights"}, timeout=timeout)
+            self.control("/reset_prefix_cache", timeout=timeout)
 
     # ---- health --------------------------------------------------------------------------------------
     def probe(self, timeout: float = 2.0, health_path: str | None = None) -> bool:

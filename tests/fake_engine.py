@@ -15,6 +15,11 @@ Flags:
                           generation thread died)
   --wedge-file PATH       the same once PATH appears; the file is consumed, so a restarted engine is healthy
   --fail-sleep            POST /sleep answers 500
+  --hold-start-file PATH  when PATH exists at start, consume it, log "held" (phase "start") and never listen:
+                          the process blocks there until killed (a model load a test can kill mid-way)
+  --hold-sleep-file PATH  the same for one POST /sleep (phase "sleep"): the call blocks until the process dies
+  --hold-wake-file PATH   the same for one POST /wake_up (phase "wake_up")
+  --hold-chat-file PATH   the same for one chat completion (phase "chat"): a generation in flight
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (fixed answer; 503 while asleep or wedged),
 POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping, POST /collective_rpc, POST /reset_prefix_cache.
 """
@@ -28,8 +33,10 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from fakes import QuietServer   # this file's directory is on sys.path when it runs as a script
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wedge-after", type=int)
     p.add_argument("--wedge-file")
     p.add_argument("--fail-sleep", action="store_true")
+    p.add_argument("--hold-start-file")
+    p.add_argument("--hold-sleep-file")
+    p.add_argument("--hold-wake-file")
+    p.add_argument("--hold-chat-file")
     args = p.parse_args(argv)
 
     lock = threading.Lock()
@@ -59,12 +70,25 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 os.close(fd)
 
+    def hold(path: str | None, phase: str) -> None:
+        """Block forever (until the test kills this process) when `path` exists; consumed, so a restarted
+        engine goes through. The "held" event is written only once the block is certain."""
+        if not path:
+            return
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        event("held", phase=phase)
+        threading.Event().wait()
+
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     event("start", argv=sys.argv[1:])
     print(f"fake engine {os.getpid()} starting on port {args.port}", flush=True)
     if args.start_delay:
         time.sleep(args.start_delay)
+    hold(args.hold_start_file, "start")
     if args.exit_during_start or (args.fail_start_file and os.path.exists(args.fail_start_file)):
         print("fake engine: failing during start", file=sys.stderr, flush=True)
         event("exit", code=3)
@@ -118,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             if url.path == "/sleep":
                 level = int(parse_qs(url.query).get("level", ["1"])[0])
                 event("sleep", level=level)
+                hold(args.hold_sleep_file, "sleep")
                 if args.fail_sleep:
                     return self._json(500, {"error": "sleep failed"})
                 with lock:
@@ -125,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 return self._json(200, {})
             if url.path == "/wake_up":
                 event("wake_up")
+                hold(args.hold_wake_file, "wake_up")
                 with lock:
                     st["sleeping"] = False
                 return self._json(200, {})
@@ -135,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 event("reset_prefix_cache")
                 return self._json(200, {})
             if url.path == "/v1/chat/completions":
+                hold(args.hold_chat_file, "chat")
                 if st["sleeping"]:
                     return self._json(503, {"error": {"message": "engine is sleeping"}})
                 if wedged():
@@ -153,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
             self._json(404, {"error": "not found"})
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
-    server.daemon_threads = True
+    server = QuietServer((args.host, args.port), Handler)
     event("listening", port=args.port)
     print(f"fake engine {os.getpid()} listening on {args.host}:{args.port}", flush=True)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 RAGGED_PIECES = [b"data: {\"n\": 1}\r\n", b"\r\ndata: {\"n\"", b": 2}\n\n: a comment\n\ndata: {\"n\": 3}\n\n",
                  b"data: {\"n\": 4}\r\n\r\ndata: {\"n\": 5, \"text\": \"data: [DONE] is not the end\"}\n\n",
                  b"data: {\"n\": 6}"]
+
+
+# Fault tests hang up on purpose before the answer is written; the traceback socketserver would print for
+# that buries the output that matters. Anything else still goes through the default handler and is printed.
+CLIENT_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class QuietServer(ThreadingHTTPServer):
+    """The stand-ins' HTTP server: one thread per connection, silent when the client went away."""
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], CLIENT_GONE):
+            return
+        super().handle_error(request, client_address)
 
 
 class FakeBackend:
@@ -107,8 +123,7 @@ class FakeBackend:
                 self.done()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},

@@ -13,20 +13,20 @@ import socketserver
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sluice.client as client_mod
+from fakes import QuietServer
 from sluice import P_BG, P_CRITICAL, SluiceClient, sluice
 
 SECRET = "SECRET-PROMPT-TEXT-7f3a"
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
+class Server(QuietServer):
     request_queue_size = 64      # the concurrency test connects 16 at once
 
 
