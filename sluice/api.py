@@ -264,7 +264,7 @@ class Api:
         model_status[CLOUD] = self.cloud.mode()
         if all(v == Health.READY for v in states.values()):
             status = "ok"
-        elif any(v == Health.DOWN for v in states.values()):
+        elif any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
             status = "degraded"
         else:
             status = "warming"

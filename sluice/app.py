@@ -206,9 +206,13 @@ class App:
             raise ConfigError(str(e) if str(e).startswith("backends.") else f"backends.{b.name}: {e}") from None
 
     def _managed_changed(self, name: str, old, new) -> None:
-        # FAILED (restarts exhausted, start timeout) fails its waiting jobs fast; every other state can serve
+        # FAILED (restarts exhausted, start timeout) refuses its jobs at once, on an exclusive gate too (a
+        # switch to it would take the working model down for nothing); every other state can serve
         # (STOPPED and SLEEPING start or wake on the next request).
-        self.scheduler.set_health(name, Health.DOWN if new is State.FAILED else Health.READY)
+        if new is State.FAILED:
+            self.scheduler.set_health(name, Health.FAILED, self.supervisor.get(name).last_error)
+        else:
+            self.scheduler.set_health(name, Health.READY)
 
     def _use_backend(self, name: str, timeout: float):
         """Context for forwarding to a backend: a managed one is started or woken first and kept from idle

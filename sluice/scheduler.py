@@ -44,7 +44,8 @@ class Outcome(str, enum.Enum):
 class Health(str, enum.Enum):
     PENDING = "pending"   # not probed yet
     READY = "ready"
-    DOWN = "down"
+    DOWN = "down"         # its probe failed (on an exclusive gate that may just mean asleep: not trusted)
+    FAILED = "failed"     # a managed backend out of restarts: down everywhere until an operator loads it
 
 
 class JobState(enum.Enum):
@@ -166,6 +167,13 @@ class _Backend:
     health: Health = Health.PENDING
     current: str | None = None    # the model it last served (affinity; JIT drain guard while inflight)
     reserved: bool = False        # JIT: draining so a better-placed job for another model can load
+    why: str | None = None        # what made it FAILED
+
+    @property
+    def out(self) -> bool:
+        """It cannot take work now. A failed probe on an exclusive gate does not count: a sleeping backend
+        fails its probe, and waking it is the switch's job."""
+        return self.health is Health.FAILED or (self.health is Health.DOWN and not self.gate.exclusive)
 
     @property
     def name(self) -> str:
@@ -330,7 +338,9 @@ class Scheduler:
             return errors.Unavailable(
                 f"no backend serves model {job.model!r} right now (none is configured for it or lists it at "
                 "/v1/models); retry later", retry_after=5)
-        if all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
+        if all(b.health is Health.FAILED for b in backends):
+            return self._failed_error(job.model, backends)
+        if all(b.out for b in backends):
             return errors.Unavailable(
                 f"no backend for model {job.model!r} is up ({', '.join(b.name for b in backends)} down); "
                 "start the inference server or check its URL", retry_after=5)
@@ -424,21 +434,23 @@ class Scheduler:
             self._finish_locked(job, outcome, error)
         self._notify_finished([job])
 
-    def set_health(self, backend: str, health: Health) -> None:
-        """Record a probe result. A backend going down fails the jobs that now have nowhere to go."""
+    def set_health(self, backend: str, health: Health, why: str | None = None) -> None:
+        """Record a probe result (or FAILED with its reason). A backend going out fails the jobs that now
+        have nowhere to go."""
         failed: list[Job] = []
         with self._lock:
             b = self._backends.get(backend)
             if b is None or b.health is health:
                 return
-            b.health = health
-            if health is Health.DOWN:
+            b.health, b.why = health, why
+            if b.out:
                 for model in b.models:
-                    if all(o.health is Health.DOWN and not o.gate.exclusive
-                           for o in self._backends.values() if model in o.models):
-                        self._strand_locked(model, errors.Unavailable(
-                            f"backend {backend!r} for model {model!r} went down; retry when it is back",
-                            retry_after=5), failed)
+                    others = [o for o in self._backends.values() if model in o.models]
+                    if all(o.out for o in others):
+                        self._strand_locked(model, self._failed_error(model, others)
+                                            if all(o.health is Health.FAILED for o in others) else
+                                            errors.Unavailable(f"backend {backend!r} for model {model!r} went "
+                                                               "down; retry when it is back", retry_after=5), failed)
             self._work.notify()
         self._notify_finished(failed)
 
@@ -482,7 +494,7 @@ class Scheduler:
                 if not backends:
                     self._strand_locked(model, errors.Unavailable(f"model {model!r} {reason}; retry later",
                                                                   retry_after=5), failed)
-                elif all(b.health is Health.DOWN and not b.gate.exclusive for b in backends):
+                elif all(b.out for b in backends):
                     self._strand_locked(model, errors.Unavailable(
                         f"model {model!r} moved to backends that are down "
                         f"({', '.join(b.name for b in backends)}); retry when one is back", retry_after=5), failed)
@@ -495,6 +507,13 @@ class Scheduler:
             return any(self._queues.get(model, ())) or any(j.model == model for j in self._active.values())
 
     # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
+    @staticmethod
+    def _failed_error(model: str, backends: list[_Backend]) -> errors.SluiceError:
+        why = "; ".join(f"{b.name}: {b.why}" if b.why else b.name for b in backends)
+        return errors.Unavailable(f"model {model!r} cannot be served: its backend failed and is not restarted "
+                                  f"on its own ({why}); see /admin/status, then POST /admin/models/{model}/load "
+                                  "to try again", retry_after=30)
+
     def _strand_locked(self, model: str, err: errors.SluiceError, failed: list[Job]) -> None:
         """Every queued job of `model` has nowhere to go: to the cloud route if it may, else failed now."""
         for job in [j for q in self._queues[model] for j in q]:

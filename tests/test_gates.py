@@ -118,6 +118,23 @@ def test_finished_jobs_feed_the_measured_service_time_to_cost_aware():
     assert costs.service("a") == 7.0
 
 
+def test_a_failed_backend_on_an_exclusive_gate_is_refused_without_a_switch():
+    r = Rig()
+    a1 = r.submit("a")
+    r.dispatch(expect_switch=True)
+    b1 = r.submit("b")                                  # waits for a's drain
+    r.s.set_health("B", Health.DOWN)                    # a failed probe: maybe just asleep, so b1 still waits
+    assert b1.state is JobState.QUEUED
+    r.s.set_health("B", Health.FAILED, "exited with code 1 (see B.log)")
+    assert b1.state is JobState.DONE and "exited with code 1" in b1.error.message   # failed at once
+    with pytest.raises(errors.Unavailable, match="/admin/models/b/load"):
+        r.submit("b")
+    calls = len(r.switcher.calls)
+    r.s.finish(a1, Outcome.OK)
+    r.dispatch()
+    assert len(r.switcher.calls) == calls and r.gate().resident == "a"   # a stays up
+
+
 def test_drain_timeout_cancels_stragglers_with_a_clear_error():
     r = Rig(drain_timeout_s=30)
     a1 = r.submit("a")
