@@ -324,7 +324,7 @@ from conftest import call  # noqa: E402
 from test_api_native import until  # noqa: E402
 
 
-def exclusive_toml(a, b, switch="vllm-sleep-1", policy="fifo") -> str:
+def exclusive_toml(a_url: str, b_url: str, switch="vllm-sleep-1", policy="fifo") -> str:
     return f"""
 [[gates]]
 name = "gpu0"
@@ -334,13 +334,13 @@ slots = 2
 
 [[backends]]
 name = "A"
-url = "{a.url}"
+url = "{a_url}"
 gate = "gpu0"
 switch = "{switch}"
 
 [[backends]]
 name = "B"
-url = "{b.url}"
+url = "{b_url}"
 gate = "gpu0"
 switch = "{switch}"
 
@@ -359,7 +359,7 @@ def test_vllm_sleep_switch_end_to_end(make_app, make_backend, level):
     log: list = []
     a, b = make_backend(model="qwen"), make_backend(model="llama")
     a.shared_log = b.shared_log = log
-    app = make_app(toml=exclusive_toml(a, b, switch=f"vllm-sleep-{level}"))
+    app = make_app(toml=exclusive_toml(a.url, b.url, switch=f"vllm-sleep-{level}"))
     for i, model in enumerate(["qwen", "llama", "qwen"]):
         status, headers, body = call(app, "POST", "/v1/chat/completions",
                                      {"model": model, "messages": [{"role": "user", "content": f"m{i}"}]})
@@ -378,7 +378,7 @@ def test_vllm_sleep_switch_end_to_end(make_app, make_backend, level):
 
 def test_end_to_end_drain_holds_b_until_a_finishes(make_app, make_backend):
     a, b = make_backend(model="qwen"), make_backend(model="llama")
-    app = make_app(toml=exclusive_toml(a, b))
+    app = make_app(toml=exclusive_toml(a.url, b.url))
     assert call(app, "POST", "/v1/chat/completions", {"model": "qwen", "messages": [{"role": "user", "content": "w"}]})[0] == 200
     a.holding = True
     results = {}
@@ -401,7 +401,7 @@ def test_end_to_end_drain_holds_b_until_a_finishes(make_app, make_backend):
 def test_end_to_end_wake_failure_answers_503_fast(make_app, make_backend):
     a, b = make_backend(model="qwen"), make_backend(model="llama")
     b.fail_control.add("/wake_up")
-    app = make_app(toml=exclusive_toml(a, b))
+    app = make_app(toml=exclusive_toml(a.url, b.url))
     status, _, body = call(app, "POST", "/v1/chat/completions",
                            {"model": "llama", "messages": [{"role": "user", "content": "x"}]})
     assert status == 503 and "could not be loaded" in body["error"]["message"]

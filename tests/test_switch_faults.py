@@ -23,6 +23,7 @@ import pytest
 from conftest import call
 from sluice.supervisor import free_port, process_start_time
 from test_api_native import totals_add_up, until
+from test_gates import exclusive_toml
 
 ENGINE = Path(__file__).with_name("fake_engine.py")
 ANSWER_WITHIN_S = 15.0      # after the kill: a waiting job is answered by then, or it hung
@@ -308,36 +309,6 @@ def engines(tmp_path):
         p.wait(5)
 
 
-def unmanaged_toml(a_url: str, b_url: str) -> str:
-    return f"""
-[[gates]]
-name = "gpu0"
-mode = "exclusive"
-policy = "fifo"
-slots = 2
-
-[[backends]]
-name = "A"
-url = "{a_url}"
-gate = "gpu0"
-switch = "vllm-sleep-1"
-
-[[backends]]
-name = "B"
-url = "{b_url}"
-gate = "gpu0"
-switch = "vllm-sleep-1"
-
-[[models]]
-name = "qwen"
-backends = ["A"]
-
-[[models]]
-name = "llama"
-backends = ["B"]
-"""
-
-
 def test_unmanaged_server_killed_mid_wake_up_answers_503_and_the_next_model_runs(make_app, engines, tmp_path):
     """B (a server sluice does not run) dies inside POST /wake_up: its waiting jobs get a 503 at once, the
     gate is left idle, and qwen's next job goes through a switch whose failed sleep of the dead B does not
@@ -345,7 +316,7 @@ def test_unmanaged_server_killed_mid_wake_up_answers_503_and_the_next_model_runs
     hold = tmp_path / "hold-B"
     a_url, _ = engines("A")
     b_url, b_ev = engines("B", "--hold-wake-file", str(hold))
-    app = make_app(toml=unmanaged_toml(a_url, b_url))
+    app = make_app(toml=exclusive_toml(a_url, b_url))
     assert chat(app, "llama")[0] == 200
     assert chat(app, "qwen")[0] == 200                  # B asleep now
     hold.touch()
@@ -370,7 +341,7 @@ def test_unmanaged_server_killed_mid_sleep_still_lets_the_switch_proceed(make_ap
     hold = tmp_path / "hold-A"
     a_url, a_ev = engines("A", "--hold-sleep-file", str(hold))
     b_url, _ = engines("B")
-    app = make_app(toml=unmanaged_toml(a_url, b_url))
+    app = make_app(toml=exclusive_toml(a_url, b_url))
     assert chat(app, "qwen")[0] == 200
     hold.touch()
     waiters = Waiters(app, "llama", 2)
