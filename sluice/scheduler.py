@@ -600,7 +600,7 @@ class Scheduler:
     def _grant_fast_locked(self, job: Job, now: float) -> bool:
         """Grant a just-queued job inline when its gate has nothing else waiting (no thread hop)."""
         for b in self._candidates_locked(job.model):
-            if self._waiting_on_locked(b.gate) == 1:
+            if self._depth == 1 or self._waiting_on_locked(b.gate) == 1:    # only this job waits anywhere
                 self._grant_locked(job, b, now)
                 return True
         return False
@@ -610,6 +610,8 @@ class Scheduler:
         first (affinity), then the least loaded."""
         free = [b for b in self._backends.values()
                 if model in b.models and (gate is None or b.gate is gate) and b.can_take(model)]
+        if len(free) < 2:
+            return free
         return sorted(free, key=lambda b: (b.current != model, b.inflight / b.slots))
 
     def _waiting_on_locked(self, gate: Gate) -> int:
