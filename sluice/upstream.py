@@ -22,6 +22,7 @@ from sluice import errors
 log = logging.getLogger("sluice.upstream")
 
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+MAX_MANIFEST_BYTES = 4 << 20      # a larger model list is not one
 
 
 def strip_think(text: str) -> str:
@@ -315,6 +316,33 @@ class Upstream:
             self.control("/collective_rpc", {"method": "reload_weights"}, timeout=timeout)
             self.control("/reset_prefix_cache", timeout=timeout)
 
+    def manifest(self, timeout: float = 2.0) -> list[str]:
+        """The model ids this backend serves, from its OpenAI list at GET {url}/models (`data[].id`).
+
+        Raises OSError / HTTPException on transport failure and ValueError on a non-200 answer or a body
+        that is not such a list: a manifest is taken whole or not at all, never guessed from half an answer.
+        """
+        conn = self._new_conn(timeout)
+        try:
+            conn.request("GET", self.base_path + "/models", headers=self._auth)
+            resp = conn.getresponse()
+            data = resp.read(MAX_MANIFEST_BYTES + 1)
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise ValueError(f"answered {resp.status}")
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"model list larger than {MAX_MANIFEST_BYTES} bytes")
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("model list is not JSON") from None
+        items = obj.get("data") if isinstance(obj, dict) else None
+        if not isinstance(items, list):
+            raise ValueError("model list has no data array")
+        ids = (item.get("id") if isinstance(item, dict) else None for item in items)
+        return list(dict.fromkeys(i for i in ids if isinstance(i, str) and i.strip() and len(i) <= 512))
+
     # ---- health --------------------------------------------------------------------------------------
     def probe(self, timeout: float = 2.0, health_path: str | None = None) -> bool:
         """True when the backend answers `GET /health` (mlx-lm, llama.cpp, vLLM) or else `GET {url}/models`."""
@@ -399,7 +427,7 @@ class HealthMonitor:
 
     def _read_manifest(self, name: str, up: Upstream, now: float) -> None:
         try:
-            ids = fetch_manifest(up, timeout=min(5.0, max(1.0, self._interval * 2)))
+            ids = up.manifest(timeout=min(5.0, max(1.0, self._interval * 2)))
         except (OSError, http.client.HTTPException, ValueError) as e:
             log.debug("backend %s: reading GET %s/models failed: %s", name, up.url, e)
             ids = None    # not rescheduled: tried again next round
@@ -415,41 +443,6 @@ class HealthMonitor:
             self.probe_all()
             self._kick.wait(self._interval)
             self._kick.clear()
-
-
-MAX_MANIFEST_BYTES = 4 << 20
-
-
-def fetch_manifest(up: Upstream, timeout: float = 2.0) -> list[str]:
-    """The model ids a backend serves, from its OpenAI list at GET {url}/models (`data[].id`).
-
-    Raises OSError / HTTPException on transport failure and ValueError on a non-200 answer or a body that
-    is not such a list: a manifest is taken whole or not at all, never guessed from half an answer.
-    """
-    conn = up._new_conn(timeout)
-    try:
-        conn.request("GET", up.base_path + "/models", headers=up._auth)
-        resp = conn.getresponse()
-        data = resp.read(MAX_MANIFEST_BYTES + 1)
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise ValueError(f"answered {resp.status}")
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ValueError(f"model list larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError("model list is not JSON") from None
-    items = obj.get("data") if isinstance(obj, dict) else None
-    if not isinstance(items, list):
-        raise ValueError("model list has no data array")
-    ids = []
-    for item in items:
-        mid = item.get("id") if isinstance(item, dict) else None
-        if isinstance(mid, str) and mid.strip() and len(mid) <= 512 and mid not in ids:
-            ids.append(mid)
-    return ids
 
 
 def json_body(data: bytes, backend: str) -> dict:
