@@ -452,4 +452,3 @@ def load(path: str | os.PathLike | None = None, environ: Mapping[str, str] | Non
     keys += _keys_table(doc, env, {n for m in models for n in (m.name, *m.aliases)} | {CLOUD})
     return Settings(**values, gates=gates, backends=backends, models=models, keys=keys,
                     config_path=Path(path) if path else None, sources=sources)
-

@@ -333,18 +333,7 @@ class Scheduler:
         if job.model in self._retired:
             return errors.NotFound(f"model {job.model!r} was removed from the configuration; it takes no new "
                                    "requests", param="model", code="model_not_found")
-        backends = [b for b in self._backends.values() if job.model in b.models]
-        if not backends:
-            return errors.Unavailable(
-                f"no backend serves model {job.model!r} right now (none is configured for it or lists it at "
-                "/v1/models); retry later", retry_after=5)
-        if all(b.health is Health.FAILED for b in backends):
-            return self._failed_error(job.model, backends)
-        if all(b.out for b in backends):
-            return errors.Unavailable(
-                f"no backend for model {job.model!r} is up ({', '.join(b.name for b in backends)} down); "
-                "start the inference server or check its URL", retry_after=5)
-        return None
+        return self._unservable_locked(job.model)
 
     def wait(self, job: Job, tick: Callable[[int], None] | None = None,
              first_tick_s: float = 10.0, tick_every_s: float = 5.0) -> None:
@@ -445,12 +434,7 @@ class Scheduler:
             b.health, b.why = health, why
             if b.out:
                 for model in b.models:
-                    others = [o for o in self._backends.values() if model in o.models]
-                    if all(o.out for o in others):
-                        self._strand_locked(model, self._failed_error(model, others)
-                                            if all(o.health is Health.FAILED for o in others) else
-                                            errors.Unavailable(f"backend {backend!r} for model {model!r} went "
-                                                               "down; retry when it is back", retry_after=5), failed)
+                    self._strand_locked(model, self._unservable_locked(model), failed)
             self._work.notify()
         self._notify_finished(failed)
 
@@ -488,16 +472,8 @@ class Scheduler:
             # Queues are kept even when empty and unserved: a request that resolved the model a moment
             # before the change must meet a clear 503 here, not be taken for a gate-less (cloud) job.
             for model, qs in self._queues.items():
-                if not any(qs):
-                    continue
-                backends = [b for b in self._backends.values() if model in b.models]
-                if not backends:
-                    self._strand_locked(model, errors.Unavailable(f"model {model!r} {reason}; retry later",
-                                                                  retry_after=5), failed)
-                elif all(b.out for b in backends):
-                    self._strand_locked(model, errors.Unavailable(
-                        f"model {model!r} moved to backends that are down "
-                        f"({', '.join(b.name for b in backends)}); retry when one is back", retry_after=5), failed)
+                if any(qs):
+                    self._strand_locked(model, self._unservable_locked(model, reason), failed)
             self._work.notify()
         self._notify_finished(failed)
 
@@ -507,15 +483,30 @@ class Scheduler:
             return any(self._queues.get(model, ())) or any(j.model == model for j in self._active.values())
 
     # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
-    @staticmethod
-    def _failed_error(model: str, backends: list[_Backend]) -> errors.SluiceError:
-        why = "; ".join(f"{b.name}: {b.why}" if b.why else b.name for b in backends)
-        return errors.Unavailable(f"model {model!r} cannot be served: its backend failed and is not restarted "
-                                  f"on its own ({why}); see /admin/status, then POST /admin/models/{model}/load "
-                                  "to try again", retry_after=30)
+    def _unservable_locked(self, model: str, unserved: str | None = None) -> errors.SluiceError | None:
+        """Why no backend can take `model` now (none serves it: `unserved` says why, all failed, all down);
+        None while one can."""
+        backends = [b for b in self._backends.values() if model in b.models]
+        if not backends:
+            why = f"model {model!r} {unserved}" if unserved else \
+                f"no backend serves model {model!r} right now (none is configured for it or lists it at /v1/models)"
+            return errors.Unavailable(f"{why}; retry later", retry_after=5)
+        if all(b.health is Health.FAILED for b in backends):
+            why = "; ".join(f"{b.name}: {b.why}" if b.why else b.name for b in backends)
+            return errors.Unavailable(f"model {model!r} cannot be served: its backend failed and is not restarted "
+                                      f"on its own ({why}); see /admin/status, then POST /admin/models/{model}/load "
+                                      "to try again", retry_after=30)
+        if all(b.out for b in backends):
+            return errors.Unavailable(
+                f"no backend for model {model!r} is up ({', '.join(b.name for b in backends)} down); "
+                "start the inference server or check its URL, and retry when it is back", retry_after=5)
+        return None
 
-    def _strand_locked(self, model: str, err: errors.SluiceError, failed: list[Job]) -> None:
-        """Every queued job of `model` has nowhere to go: to the cloud route if it may, else failed now."""
+    def _strand_locked(self, model: str, err: errors.SluiceError | None, failed: list[Job]) -> None:
+        """Every queued job of `model` has nowhere to go (`err` says why; None: it has somewhere, nothing to
+        do): to the cloud route if it may, else failed now."""
+        if err is None:
+            return
         for job in [j for q in self._queues[model] for j in q]:
             if job.fallback_at is not None:
                 self._reroute_locked(job, self._clock())
