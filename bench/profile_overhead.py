@@ -179,8 +179,10 @@ def patched_child(name: str) -> None:
     """Run sluice's daemon in this process with one experimental change applied in memory (nothing in
     sluice's files changes): to measure what a part costs by taking it away."""
     import runpy
-    sys.path.insert(0, str(ROOT))
-    if name == "recorder-off":
+    sys.path.insert(0, name[5:] if name.startswith("tree=") else str(ROOT))
+    if name.startswith("tree="):
+        pass                                    # sluice as it is in another checkout (a change's A/B)
+    elif name == "recorder-off":
         import sluice.app
         sluice.app.App._record_one = lambda self, *a: None
     elif name == "logs-off":
@@ -213,7 +215,8 @@ def ab(args, peers: Path, work: Path, procs: list) -> str:
             _wait_tcp(p, fport)
             targets.append((v, p, f"http://127.0.0.1:{fport}", "fake-model"))
             continue
-        p, sport = _start_sluice_child(work / v, port, sys.executable, ["--child-patch", v], v)
+        safe = v.replace("/", "_")
+        p, sport = _start_sluice_child(work / safe, port, sys.executable, ["--child-patch", v], safe)
         procs.append(p)
         targets.append((v, p, f"http://127.0.0.1:{sport}", "d0"))
     for name, p, url, model in targets:                       # warm-up, unrecorded
@@ -242,7 +245,9 @@ def ab(args, peers: Path, work: Path, procs: list) -> str:
         a50 = ov.med([b - a for a, b in zip(d50, p50)])
         a99 = ov.med([b - a for a, b in zip(d99, p99)])
         cpu = ov.med([r["cpu_ms"] for r in rs])
-        L.append(f"| {name} | {PATCHES.get(name) or FLOORS.get(name) or 'no router'} | {ov.med(p50):.3f} | "
+        what = PATCHES.get(name) or FLOORS.get(name) or (f"sluice from {name[5:]}" if name.startswith("tree=")
+                                                          else "no router")
+        L.append(f"| {name} | {what} | {ov.med(p50):.3f} | "
                  f"{'-' if name == 'direct' else f'{a50:+.3f}'} | {ov.med(p99):.3f} | "
                  f"{'-' if name == 'direct' else f'{a99:+.3f}'} | {'-' if cpu is None else f'{cpu:.3f}'} |")
     return "\n".join(L)
@@ -395,7 +400,8 @@ def main() -> int:
     ap.add_argument("--ab", action="store_true", help="instead of profiling: A/B the variants below against "
                     "direct, interleaved (C=1 latency / stream TTFB and sluice CPU per request)")
     ap.add_argument("--variants", default=",".join(PATCHES), help="for --ab, a comma list from: " + "; ".join(
-        f"{k}: {v}" for k, v in {**PATCHES, **FLOORS}.items()))
+        f"{k}: {v}" for k, v in {**PATCHES, **FLOORS}.items()) + "; tree=DIR: sluice from another checkout "
+        "(e.g. `git worktree add DIR HEAD`, to A/B an uncommitted change against the last commit)")
     ap.add_argument("--reps", type=int, default=5, help="for --ab")
     ap.add_argument("--micro", action="store_true", help="instead of profiling: time sluice's per-request "
                     "pieces in-process (recorder, scheduler cycle, watcher, JSON, ...)")

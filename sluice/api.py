@@ -132,6 +132,7 @@ class Api:
     def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, **kw) -> Job:
         """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
         key = getattr(h, "key", None)
+        kw["id"] = h.request_id          # one id for the client's X-Request-Id, the log line and the JSONL entry
         if key is None:
             return Job(model, priority, route, **kw)
         if key.models and asked_model not in key.models and model not in key.models:

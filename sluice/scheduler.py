@@ -55,8 +55,12 @@ class JobState(enum.Enum):
     DONE = 3
 
 
+_ids = itertools.count(int.from_bytes(os.urandom(6), "big"))
+
+
 def new_id() -> str:
-    return os.urandom(6).hex()
+    """A request id: 12 hex digits, unique in this process (a counter from a random start; no syscall)."""
+    return f"{next(_ids) & 0xFFFFFFFFFFFF:012x}"
 
 
 @dataclass(eq=False)
@@ -90,7 +94,12 @@ class Job:
     abort_error: errors.SluiceError | None = None  # why sluice (not the client) aborted it
     fallback_at: float | None = None  # when still queued at this time, leave the queue for the cloud route
     rerouted: bool = False            # it left its gate for the cloud route (fallback)
-    _signal: threading.Event = field(default_factory=threading.Event, repr=False)
+    _signal: threading.Event | None = field(default=None, repr=False)   # made by a waiter, under the lock
+
+    def wake(self) -> None:
+        """Wake the thread waiting for this job, if one is (the scheduler calls this under its lock)."""
+        if self._signal is not None:
+            self._signal.set()
 
     @property
     def wait_s(self) -> float:
@@ -230,7 +239,8 @@ class Scheduler:
                 self._queues.setdefault(m, [_Level() for _ in range(LEVELS)])
         self._seq = itertools.count()
         self._depth = 0
-        self._active: dict[str, Job] = {}
+        # granted and not finished, in grant order; keyed by the job itself (a client's X-Request-Id may repeat)
+        self._active: dict[Job, None] = {}
         self._closed: errors.SluiceError | None = None
         self._retired: frozenset[str] = frozenset()   # models that take no new jobs (see set_models)
         self._stale_switch: set[str] = set()          # gates whose running switch the model table overtook
@@ -365,12 +375,15 @@ class Scheduler:
                     due = min(due, job.fallback_at - now)
                 if due <= 0 and tick is not None:
                     position = self._position_locked(job, now)
+                if job._signal is None:       # most jobs are granted inline and never wait: no Event for them
+                    job._signal = threading.Event()
+                signal = job._signal
             if tick is not None and due <= 0:
                 tick(position)           # outside the lock: it writes to the client's socket
                 next_tick += tick_every_s
                 continue
-            job._signal.wait(min(remaining, due))
-            job._signal.clear()
+            signal.wait(min(remaining, due))
+            signal.clear()
         self._notify_finished([job])
         raise job.error
 
@@ -404,7 +417,7 @@ class Scheduler:
         job.rerouted = True
         job.state = JobState.GRANTED
         job.granted_at = job.granted_at or now
-        self._active[job.id] = job
+        self._active[job] = None
 
     def attach(self, job: Job, hook: Callable[[], None]) -> None:
         """Register how to abort a granted job's upstream call; raises Cancelled if its client already left."""
@@ -480,7 +493,7 @@ class Scheduler:
     def has_jobs(self, model: str) -> bool:
         """Whether any job for `model` is queued or in flight."""
         with self._lock:
-            return any(self._queues.get(model, ())) or any(j.model == model for j in self._active.values())
+            return any(self._queues.get(model, ())) or any(j.model == model for j in self._active)
 
     # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
     def _unservable_locked(self, model: str, unserved: str | None = None) -> errors.SluiceError | None:
@@ -510,7 +523,7 @@ class Scheduler:
         for job in [j for q in self._queues[model] for j in q]:
             if job.fallback_at is not None:
                 self._reroute_locked(job, self._clock())
-                job._signal.set()
+                job.wake()
                 continue
             self._finish_locked(job, Outcome.ERROR, err)
             failed.append(job)
@@ -554,8 +567,10 @@ class Scheduler:
             # cost-aware weighs each model's queue by how long its jobs hold the gate
             self._costs[job.gate].observe_service(job.model, self._clock() - job.granted_at)
         self._let_go_locked(job)
-        if self._active.pop(job.id, None) is not None and not self._active:
-            self._idle.notify_all()
+        if job in self._active:
+            del self._active[job]
+            if not self._active:
+                self._idle.notify_all()
         job.state = JobState.DONE
         job.outcome, job.error = outcome, error
         job.finished_at = self._clock()
@@ -564,7 +579,7 @@ class Scheduler:
         self.totals[key] += 1
         if outcome is Outcome.OK:
             self._latency_sum += job.finished_at - job.enqueued_at
-        job._signal.set()
+        job.wake()
 
     def _notify_finished(self, jobs: list[Job]) -> None:
         if self._on_finish is not None:
@@ -585,8 +600,8 @@ class Scheduler:
             job.backend, job.gate = backend.name, backend.gate.name
         job.state = JobState.GRANTED
         job.granted_at = now
-        self._active[job.id] = job
-        job._signal.set()
+        self._active[job] = None
+        job.wake()
 
     def _grant_fast_locked(self, job: Job, now: float) -> bool:
         """Grant a just-queued job inline when its gate has nothing else waiting (no thread hop)."""
@@ -689,7 +704,7 @@ class Scheduler:
 
     def _abort_gate_locked(self, gate: Gate, err: errors.SluiceError) -> None:
         hooks = []
-        for job in self._active.values():
+        for job in self._active:
             if job.gate == gate.name and job.abort_error is None:
                 job.abort_error = err
                 if job.cancel_hook is not None:
@@ -791,7 +806,7 @@ class Scheduler:
                              "position": i + 1} for i, j in enumerate(waiting)],
                 "active_jobs": [{"id": j.id, "model": j.model, "priority": j.priority, "backend": j.backend,
                                  "gate": j.gate, "elapsed_s": round(now - (j.granted_at or now), 3)}
-                                for j in self._active.values()],
+                                for j in self._active],
                 "gates": {g.name: g.view() for g in self._gates.values()},
                 "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
                                       "gate": b.gate.name, "current": b.current, "models": sorted(b.models)}

@@ -237,6 +237,7 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = words
         headers = Headers()
+        size = 0
         for _ in range(101):
             raw = self.rfile.readline(65537)
             if len(raw) > 65536:
@@ -244,6 +245,7 @@ class Handler(BaseHTTPRequestHandler):
                 return False
             if raw in (b"\r\n", b"\n", b""):
                 break
+            size += len(raw)
             name, sep, value = raw.decode("iso-8859-1").partition(":")
             if not sep or not name or name != name.strip():
                 self.send_error(400, f"bad header line {raw[:60]!r}")
@@ -252,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_error(431, "too many headers")
             return False
-        self.headers = headers
+        self.headers, self.header_bytes = headers, size
         conn = headers.get("Connection", "").lower()
         self.close_connection = conn == "close" or (self.request_version == "HTTP/1.0" and conn != "keep-alive")
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
@@ -302,7 +304,7 @@ class Handler(BaseHTTPRequestHandler):
         self.route_native = path in self.server.routes.native_paths
         self.extra_headers: dict[str, str] = {}
         try:
-            if sum(len(k) + len(v) for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            if self.header_bytes > MAX_HEADER_BYTES:
                 raise errors.HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
             route, params = self.server.routes.match(self.command, path)
             self.route_native = route.native

@@ -154,7 +154,7 @@ def test_sleep_failure_escalates_to_stop():
     r.submit("a")
     r.dispatch(expect_switch=True)
     r.switcher.fail.add(("A", "sleep"))
-    a1 = next(iter(r.s._active.values()))
+    a1 = next(iter(r.s._active))
     b1 = r.submit("b")
     r.s.finish(a1, Outcome.OK)
     r.dispatch(expect_switch=True)
@@ -208,7 +208,7 @@ def drive(r: Rig) -> list[str]:
     """Serve everything: finish the running job (1 s each), dispatch, wait out switches. Grant order."""
     order = []
     while True:
-        running = list(r.s._active.values())
+        running = list(r.s._active)
         for j in running:
             order.append(j.model)
             r.clock.t += 1

@@ -81,3 +81,18 @@ def test_query_cli_prints_the_answer_and_streams(app):
     r = subprocess.run([sys.executable, "-m", "sluice", "query", "fast", "x", "--url", "http://127.0.0.1:9"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "sluice status" in r.stderr
+
+
+def test_one_request_id_in_the_answer_and_the_log_even_when_clients_repeat_it(app):
+    """The X-Request-Id a client sees is the id of its log entry (it used to be a second, unrelated id), and
+    two requests carrying the same client id are still two jobs, each finished once."""
+    status, headers, body = call(app, "POST", "/v1/query", {"model": "fast", "prompt": "x"})
+    mine = headers["X-Request-Id"]
+    assert status == 200 and body["id"] == mine
+    call(app, "POST", "/v1/chat/completions", {"model": "fast", "messages": [{"role": "user", "content": "y"}]},
+         headers={"X-Request-Id": "same-1"})
+    call(app, "POST", "/v1/query", {"model": "fast", "prompt": "!error500"}, headers={"X-Request-Id": "same-1"})
+    until(lambda: len(read_log(app)) == 3, what="three log lines")
+    assert [(l["id"], l["outcome"]) for l in read_log(app)] == [(mine, "ok"), ("same-1", "ok"), ("same-1", "error")]
+    snap = app.scheduler.snapshot()
+    assert snap["active"] == 0 and snap["totals"]["served"] == 2 and snap["totals"]["failed"] == 1

@@ -87,7 +87,7 @@ def test_stream_of_high_priority_work_cannot_starve_a_low_one():
         s.finish(running, Outcome.OK)
         with s._lock:
             s._dispatch_locked()
-        running = next(j for j in s._active.values())
+        running = next(j for j in s._active)
         if running.id == "low":
             break
         served_before_low += 1
@@ -197,7 +197,7 @@ def test_counters_add_up_at_every_step():
     check()
     with s._lock:
         s._dispatch_locked()
-    running = next(iter(s._active.values()))
+    running = next(iter(s._active))
     s.finish(running, Outcome.ERROR, errors.BadGateway("x"))
     check()
     assert s.totals == {"received": 6, "served": 1, "rejected": 2, "timed_out": 1, "cancelled": 1, "failed": 1}
