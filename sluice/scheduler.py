@@ -58,6 +58,10 @@ class JobState(enum.Enum):
 _ids = itertools.count(int.from_bytes(os.urandom(6), "big"))
 
 
+_COUNTER = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
+            Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}      # the totals key of each outcome
+
+
 def new_id() -> str:
     """A request id: 12 hex digits, unique in this process (a counter from a random start; no syscall)."""
     return f"{next(_ids) & 0xFFFFFFFFFFFF:012x}"
@@ -223,6 +227,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # a grant may have become possible
         self._idle = threading.Condition(self._lock)   # no job is in flight
+        self._idle_waiters = 0                          # notify only then: a notify costs the request path
         self._clock = clock
         self.aging_s = aging_s
         self.max_queue_depth = max_queue_depth
@@ -290,7 +295,11 @@ class Scheduler:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._idle.wait(remaining)
+                self._idle_waiters += 1
+                try:
+                    self._idle.wait(remaining)
+                finally:
+                    self._idle_waiters -= 1
             return True
 
     # ---- submission and waiting (request threads) -------------------------------------------------
@@ -499,7 +508,12 @@ class Scheduler:
     def _unservable_locked(self, model: str, unserved: str | None = None) -> errors.SluiceError | None:
         """Why no backend can take `model` now (none serves it: `unserved` says why, all failed, all down);
         None while one can."""
-        backends = [b for b in self._backends.values() if model in b.models]
+        backends = []
+        for b in self._backends.values():
+            if model in b.models:
+                if not b.out:
+                    return None                  # the usual answer, found without building the rest
+                backends.append(b)
         if not backends:
             why = f"model {model!r} {unserved}" if unserved else \
                 f"no backend serves model {model!r} right now (none is configured for it or lists it at /v1/models)"
@@ -509,11 +523,9 @@ class Scheduler:
             return errors.Unavailable(f"model {model!r} cannot be served: its backend failed and is not restarted "
                                       f"on its own ({why}); see /admin/status, then POST /admin/models/{model}/load "
                                       "to try again", retry_after=30)
-        if all(b.out for b in backends):
-            return errors.Unavailable(
-                f"no backend for model {model!r} is up ({', '.join(b.name for b in backends)} down); "
-                "start the inference server or check its URL, and retry when it is back", retry_after=5)
-        return None
+        return errors.Unavailable(
+            f"no backend for model {model!r} is up ({', '.join(b.name for b in backends)} down); "
+            "start the inference server or check its URL, and retry when it is back", retry_after=5)
 
     def _strand_locked(self, model: str, err: errors.SluiceError | None, failed: list[Job]) -> None:
         """Every queued job of `model` has nowhere to go (`err` says why; None: it has somewhere, nothing to
@@ -569,14 +581,12 @@ class Scheduler:
         self._let_go_locked(job)
         if job in self._active:
             del self._active[job]
-            if not self._active:
+            if not self._active and self._idle_waiters:
                 self._idle.notify_all()
         job.state = JobState.DONE
         job.outcome, job.error = outcome, error
         job.finished_at = self._clock()
-        key = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
-               Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}[outcome]
-        self.totals[key] += 1
+        self.totals[_COUNTER[outcome]] += 1
         if outcome is Outcome.OK:
             self._latency_sum += job.finished_at - job.enqueued_at
         job.wake()

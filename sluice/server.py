@@ -219,12 +219,6 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server: "Server"
 
-    # Every method goes through the route table, so an unknown one is a JSON 405, never an HTML 501.
-    def __getattr__(self, name: str):
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
-
     def parse_request(self) -> bool:
         """The request line and headers, without the email-package parser the stdlib uses (a plain loop
         is several times faster). Limits: 100 header lines of 64 KiB at most (431 beyond)."""
@@ -271,9 +265,18 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._reader, 65536)
 
     def handle_one_request(self) -> None:
+        """One request on the connection. Every method goes through the route table (an unknown one is a
+        JSON 405, never the stdlib's HTML 501), so there is no do_GET/do_POST lookup."""
         self._reader.deadline = time.monotonic() + self.server.client_timeout_s
         try:
-            super().handle_one_request()
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, "request line too long")
+            elif not self.raw_requestline:
+                self.close_connection = True
+            elif self.parse_request():
+                self._dispatch()
         except TimeoutError:
             self.close_connection = True
 
