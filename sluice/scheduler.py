@@ -55,11 +55,9 @@ class JobState(enum.Enum):
     DONE = 3
 
 
-_ids = itertools.count(int.from_bytes(os.urandom(6), "big"))
-
-
 _COUNTER = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
             Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}      # the totals key of each outcome
+_ids = itertools.count(int.from_bytes(os.urandom(6), "big"))
 
 
 def new_id() -> str:
