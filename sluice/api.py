@@ -366,11 +366,9 @@ class Api:
                 raise errors.BadGateway(f"backend {up.name!r} answered {ex.status}: "
                                         f"{data[:300].decode('utf-8', 'replace')}")
             job.status = ex.status
-            try:
-                h.respond(ex.status, data, ex.headers.get("content-type", "application/json"),
-                          headers=self._headers(job))
-            finally:       # the books after the answer: the client does not wait for them
-                self.scheduler.finish(job, Outcome.OK if ex.status == 200 else Outcome.ERROR)
+            self.scheduler.finish(job, Outcome.OK if ex.status == 200 else Outcome.ERROR)
+            ctype = ex.headers.get("content-type", "application/json")
+            h.respond(ex.status, data, ctype, headers=self._headers(job))
             return
         sse.relay(ex, deadline)
 

@@ -15,7 +15,7 @@ Every policy obeys the same rules first, in this order (each says why):
    unless the resident model has a P0 of its own waiting (that one goes first).
 3. Starvation bound, checked by time and not on arrival (llmux checked it only when a request arrived,
    so a quiet gate let a job wait on): a job of another model that has waited `max_wait_s` takes the
-   gate, unless the resident's own oldest job is overdue too and arrived less than max_wait_s after it.
+   gate, unless the resident's own oldest job has waited nearly as long (less than max_wait_s less).
    Under overload every job is late; switching for each one would spend the GPU on switches and make
    the overload worse, so then each model keeps the gate for a max_wait_s window of its backlog. While
    the resident has a P0 waiting, only an overdue P0 elsewhere counts. `next_deadline()` tells the
@@ -174,10 +174,9 @@ def _forced(view: GateView) -> str | None:
         return None
     if not mine:
         return oldest.model
-    # Overload guard: the resident's own backlog is late too and nearly as old, so serve it; switching for
-    # each late job would spend the GPU on switches. The overdue job waits at most one more window.
-    mine_oldest = min(w.enqueued_at for w in mine)
-    if view.now - mine_oldest < view.max_wait_s or mine_oldest - oldest.enqueued_at > view.max_wait_s:
+    # Overload guard: the resident's own backlog is nearly as old, so serve it; switching for each late
+    # job would spend the GPU on switches. The overdue job waits at most one more max_wait_s window.
+    if min(w.enqueued_at for w in mine) - oldest.enqueued_at > view.max_wait_s:
         return oldest.model
     return None
 

@@ -217,6 +217,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = f"sluice/{__version__}"
     sys_version = ""
     disable_nagle_algorithm = True
+    request_id: str | None = None
     server: "Server"
 
     def parse_request(self) -> bool:
@@ -239,12 +240,13 @@ class Handler(BaseHTTPRequestHandler):
                 return False
             if raw in (b"\r\n", b"\n", b""):
                 break
-            size += len(raw)
             name, sep, value = raw.decode("iso-8859-1").partition(":")
             if not sep or not name or name != name.strip():
                 self.send_error(400, f"bad header line {raw[:60]!r}")
                 return False
-            headers.add(name, value.strip())
+            value = value.strip()
+            size += len(name) + len(value)
+            headers.add(name, value)
         else:
             self.send_error(431, "too many headers")
             return False
@@ -268,6 +270,7 @@ class Handler(BaseHTTPRequestHandler):
         """One request on the connection. Every method goes through the route table (an unknown one is a
         JSON 405, never the stdlib's HTML 501), so there is no do_GET/do_POST lookup."""
         self._reader.deadline = time.monotonic() + self.server.client_timeout_s
+        self.request_id = None       # a protocol error below gets an id of its own, not the last request's
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -291,7 +294,7 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.extra_headers = {}
         self.route_native = False
-        self.request_id = getattr(self, "request_id", None) or new_id()
+        self.request_id = self.request_id or new_id()
         err = errors.BadRequest(message or "bad request")
         err.status = code if 400 <= code < 500 else 400
         try:

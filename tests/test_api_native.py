@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -169,6 +170,16 @@ def test_bad_http_framing_gets_json_4xx(strict_app, head, status):
     body = resp.split(b"\r\n\r\n", 1)[1]
     assert "error" in json.loads(body)
     assert call(strict_app, "POST", "/v1/query", {"model": "fast", "prompt": "ok"})[0] == 200
+
+
+def test_a_protocol_error_after_a_request_gets_its_own_id(app):
+    """Two requests on one kept-alive connection, the second malformed: its 400 has a fresh id, not the
+    first one's (ids are the log's ids)."""
+    resp = raw_request(app.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Request-Id: first-1\r\n\r\n"
+                                 b"GET /v1/health HTTP/1.1\r\nno colon here\r\n\r\n")
+    ids = re.findall(rb"X-Request-Id: (\S+)", resp)
+    assert resp.count(b"HTTP/1.1 200") == 1 and b"HTTP/1.1 400" in resp
+    assert ids[0] == b"first-1" and len(ids) == 2 and ids[1] != b"first-1"
 
 
 def test_unknown_path_and_wrong_method_are_json(app):

@@ -77,7 +77,6 @@ OVERDUE_CASES = [
     ("resident jobs that came before it was overdue go first", dict(waiting=[("a", 2, 20), ("b", 2, 5)]),
      {None: "a", "fifo": "b"}),
     ("resident jobs that came after it wait", dict(waiting=[("a", 2, 70), ("b", 2, 5)], now=130), {None: "b"}),
-    ("resident jobs not overdue themselves wait", dict(waiting=[("a", 2, 100), ("b", 2, 69)], now=130), {None: "b"}),
     ("a resident P0 waits first", dict(waiting=[("a", 0, 129.5), ("b", 2, 10)], now=130), {None: "a"}),
     ("an overdue P0 elsewhere still wins", dict(waiting=[("a", 0, 129.5), ("b", 0, 60)], now=130), {None: "b"}),
 ]
