@@ -181,10 +181,9 @@ def patched_child(name: str) -> None:
     """Run sluice's daemon in this process with one experimental change applied in memory (nothing in
     sluice's files changes): to measure what a part costs by taking it away."""
     import runpy
-    sys.path.insert(0, name[5:] if name.startswith("tree=") else str(ROOT))
-    if name.startswith("tree="):
-        pass                                    # sluice as it is in another checkout (a change's A/B)
-    elif name == "recorder-off":
+    tree = name[5:] if name.startswith("tree=") else None    # sluice as it is in another checkout (A/B)
+    sys.path.insert(0, tree or str(ROOT))
+    if name == "recorder-off":
         import sluice.app
         sluice.app.App._record_one = lambda self, *a: None
     elif name == "logs-off":
@@ -208,7 +207,7 @@ def patched_child(name: str) -> None:
             conn_init(self, *a)
             self.sock.settimeout(None)
         upstream.Conn.__init__ = blocking_conn
-    elif name != "base":
+    elif name != "base" and tree is None:
         raise SystemExit(f"unknown patch {name}")
     sys.argv = ["sluice"]
     runpy.run_module("sluice", run_name="__main__")

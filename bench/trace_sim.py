@@ -104,7 +104,7 @@ class Sim:
         # GPU serving fraction: of the time the GPU had work, the share spent serving rather than switching
         # or held idle while jobs waited.
         return {"jobs": len(jobs), "switches": self.switches,
-                "serving": busy / (busy + self.switching_s + held), "held": held,
+                "serving": busy / (busy + self.switching_s + held),
                 "p0_p50": statistics.median(p0) if p0 else float("nan"),
                 "p0_p99": p0[min(len(p0) - 1, int(len(p0) * 0.99))] if p0 else float("nan"),
                 "max_wait": max(waits), "mean_completion": statistics.mean(done)}
