@@ -339,7 +339,7 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
     pieces = [
         ("recorder: App._record_one (metrics + JSONL line + log line, off the request path)",
          lambda: app._record_one(job_done, 2.0, 1.0)),
-        ("  metrics.record", lambda: app.metrics.record({**entry, "granted": True})),
+        ("  metrics.record", lambda: app.metrics.record(entry, True)),
         ("  JSONL line (requests.jsonl, RotatingFileHandler)",
          lambda: app._requests_log.info(_json.dumps(entry, separators=(",", ":")))),
         ("  human log line (stderr + sluice.log)",

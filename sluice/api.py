@@ -10,17 +10,19 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from typing import Any, Callable
 
 from sluice import errors
 from sluice.config import CLOUD, Settings
 from sluice.scheduler import Health, Job, Outcome, Scheduler
-from sluice.server import ClientGone, Handler, Route
+from sluice.server import ClientGone, Handler, Route, compact_json
 from sluice.upstream import Exchange, Upstream, json_body, strip_think
 
 log = logging.getLogger("sluice.api")
 
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
 _OUTCOME = {errors.QueueTimeout: Outcome.TIMEOUT, errors.Cancelled: Outcome.CANCELLED,
             errors.QueueFull: Outcome.REJECTED, errors.TooManyRequests: Outcome.REJECTED}
 
@@ -70,6 +72,23 @@ def _str_field(body: dict, name: str, max_chars: int, required: bool = False) ->
 
 def _show(v: Any) -> str:
     return f"{type(v).__name__} {json.dumps(v)[:40]}" if not isinstance(v, (dict, list)) else type(v).__name__
+
+
+def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
+    """`raw` (a JSON object whose "model" is `asked`) with that value replaced by `upstream`, every other
+    byte as it was; None when that is not certain on the bytes alone (the caller then re-encodes).
+
+    Certain because a key that reads "model" is spelled `"model"` unless it escapes a letter (\\u006X): with
+    no such escape in the body, the top-level key is where those seven bytes are, when they occur once.
+    """
+    i = raw.find(b'"model"')
+    if i < 0 or raw.find(b'"model"', i + 7) >= 0 or b"\\u006" in raw:
+        return None
+    m = _COLON.match(raw, i + 7)
+    old = json.dumps(asked).encode()
+    if m is None or not raw.startswith(old, m.end()):
+        return None
+    return b"%s%s%s" % (raw[:m.end()], json.dumps(upstream).encode(), raw[m.end() + len(old):])
 
 
 class Api:
@@ -177,12 +196,12 @@ class Api:
         return {"X-Sluice-Queue-Wait-Ms": f"{job.wait_s * 1000:.1f}",
                 "X-Sluice-Backend": job.backend or (CLOUD if job.rerouted else job.model)}
 
-    def _open(self, job: Job, path: str, body: dict, deadline: float) -> tuple[Upstream, Exchange] | None:
+    def _open(self, job: Job, path: str, body: bytes, deadline: float) -> tuple[Upstream, Exchange] | None:
         """Forward to the granted backend. None: it refused before anything was sent and the job moved to
         the cloud route (the model has fallback = "cloud")."""
         up = self.upstreams[job.backend]
         try:
-            ex = up.open("POST", path, json.dumps(body).encode(), deadline,
+            ex = up.open("POST", path, body, deadline,
                          on_open=lambda ex: self.scheduler.attach(job, ex.abort))
         except errors.BackendRefused:
             self._refused(job.backend)
@@ -226,7 +245,7 @@ class Api:
                        "max_tokens": max_tokens, "temperature": temperature, "stream": False,
                        "chat_template_kwargs": {"enable_thinking": False}}
             deadline = self._deadline(timeout)
-            opened = self._open(job, "/chat/completions", up_body, deadline)
+            opened = self._open(job, "/chat/completions", json.dumps(up_body).encode(), deadline)
             if opened is None:
                 return serve(job)
             up, ex = opened
@@ -328,11 +347,11 @@ class Api:
                            timeout_s=s.queue_timeout_s)
         if s.log_prompts:
             job.payload = body.get("messages", body.get("prompt", body.get("input")))
-        if model != CLOUD:
-            body["model"] = self.models[model].upstream_model
+        upstream_model = self.models[model].upstream_model if model != CLOUD else None
         sse = _SSE(h, job, self)
         try:
-            self.run(h, job, lambda job: self._serve_openai(h, job, path, body, sse), tick=sse.tick if stream else None)
+            self.run(h, job, lambda job: self._serve_openai(h, job, path, body, upstream_model, sse),
+                     tick=sse.tick if stream else None)
         except errors.SluiceError as e:
             if not sse.started:
                 raise
@@ -341,15 +360,23 @@ class Api:
         if sse.started:
             sse.done()
 
-    def _serve_openai(self, h: Handler, job: Job, path: str, body: dict, sse: "_SSE") -> None:
+    def _serve_openai(self, h: Handler, job: Job, path: str, body: dict, upstream_model: str | None,
+                      sse: "_SSE") -> None:
         if job.model == CLOUD or job.rerouted:
             return self._serve_cloud(h, job, body, sse)
-        if not self.backends[job.backend].forward_priority:
-            body.pop("priority", None)
-        else:
-            body["priority"] = job.priority
+        forward_priority = self.backends[job.backend].forward_priority
+        # The client's own bytes with only the model swapped, when nothing else changes (the usual request):
+        # no re-encoding, and every other field goes upstream exactly as the client wrote it.
+        data = None if forward_priority or "priority" in body else with_model(h.body, body["model"], upstream_model)
+        if data is None:
+            out = {**body, "model": upstream_model}
+            if forward_priority:
+                out["priority"] = job.priority
+            else:
+                out.pop("priority", None)
+            data = json.dumps(out).encode()
         deadline = self._deadline()
-        opened = self._open(job, path, body, deadline)
+        opened = self._open(job, path, data, deadline)
         if opened is None:
             return self._serve_cloud(h, job, body, sse)
         up, ex = opened
@@ -387,7 +414,7 @@ class Api:
                 sse.start()
                 if chunk.get("usage"):
                     job.usage = chunk["usage"]
-                sse.event(b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n")
+                sse.event(b"data: " + compact_json(chunk).encode() + b"\n\n")
         finally:
             chunks.close()
 

@@ -26,7 +26,7 @@ from sluice.config import ConfigError, Settings
 from sluice.metrics import SluiceMetrics
 from sluice.models import ModelTable
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
-from sluice.server import Route, Routes, Server
+from sluice.server import Route, Routes, Server, compact_json
 from sluice.supervisor import ProcessSpec, State, Supervisor, ram_tier_idle_s, spec_for
 from sluice.upstream import HealthMonitor, Upstream
 
@@ -42,20 +42,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _requests_logger(log_dir) -> logging.Logger | None:
+def _requests_log(log_dir) -> logfile.BatchHandler | None:
     """requests.jsonl in SLUICE_LOG_DIR, one JSON object per finished job, rotated by size."""
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        handler = logfile.file_handler(log_dir / "requests.jsonl", 20 << 20, 3)
+        return logfile.file_handler(log_dir / "requests.jsonl", 20 << 20, 3)
     except OSError as e:
         log.warning("cannot write %s/requests.jsonl (%s); request log disabled", log_dir, e)
         return None
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger(f"sluice.requests.{id(handler)}")
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    return logger
 
 
 class App:
@@ -103,7 +97,7 @@ class App:
         self.metrics = SluiceMetrics(__version__, self.admin.status_doc, lambda: time.monotonic() - self.started)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s, settings.max_connections)
-        self._requests_log = _requests_logger(settings.log_dir)
+        self._requests_log = _requests_log(settings.log_dir)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
 
@@ -151,8 +145,7 @@ class App:
             up.close()
         self._recording.join(timeout=5)
         if self._requests_log is not None:
-            for h in self._requests_log.handlers:
-                h.close()
+            self._requests_log.close()
 
     def reload(self, new: Settings) -> None:
         """Apply a re-read config without dropping queued or in-flight work (SIGHUP).
@@ -301,10 +294,10 @@ class App:
         try:
             entry = self._entry(job, now, wall)
             error = job.error.message if job.error is not None and job.outcome.value != "ok" else None
-            self.metrics.record({**entry, "granted": job.granted_at is not None})
+            self.metrics.record(entry, job.granted_at is not None)
             self.recent.append(entry)
             if self._requests_log is not None:
-                self._requests_log.info(json.dumps(entry, separators=(",", ":")))
+                self._requests_log.write_line(compact_json(entry))
             log.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
                      entry["id"], entry["route"], entry["model"], entry["priority"], entry["wait_ms"],
                      entry["service_ms"], entry["outcome"], entry["status"], f" error={error!r}" if error else "")

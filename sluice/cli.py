@@ -27,7 +27,7 @@ def setup_logging(log_dir: Path, verbose: bool = False) -> None:
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fmt = logfile.OnceFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     err = logfile.BatchHandler(sys.stderr)
     err.setFormatter(fmt)
     root.addHandler(err)

@@ -84,6 +84,10 @@ class BatchHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        """A line that is not a log record (requests.jsonl): no LogRecord, no formatter."""
         with self.lock:
             self._buffer.append(line)
         if not getattr(_batching, "on", False):
@@ -106,6 +110,20 @@ class BatchHandler(logging.Handler):
         if isinstance(self.sink, RotatingFile):
             self.sink.close()
         super().close()
+
+
+class OnceFormatter(logging.Formatter):
+    """A formatter shared by several handlers (stderr and sluice.log) that formats each record once."""
+
+    _last: tuple = (None, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        last = self._last                  # one read: another thread may replace it meanwhile
+        if last[0] is record:
+            return last[1]
+        text = super().format(record)
+        self._last = (record, text)
+        return text
 
 
 def file_handler(path: Path, max_bytes: int, backups: int) -> BatchHandler:

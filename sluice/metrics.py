@@ -55,7 +55,10 @@ class Counter(_Metric):
     kind = "counter"
 
     def inc(self, amount: float = 1.0, **labels) -> None:
-        key = self._key(labels)
+        self.inc_at(self._key(labels), amount)
+
+    def inc_at(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        """`inc` with the label values already in label order, as strings (the per-request path)."""
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
@@ -99,7 +102,9 @@ class Histogram(_Metric):
         self.buckets = tuple(sorted(buckets))
 
     def observe(self, value: float, **labels) -> None:
-        key = self._key(labels)
+        self.observe_at(self._key(labels), value)
+
+    def observe_at(self, key: tuple[str, ...], value: float) -> None:
         i = bisect.bisect_left(self.buckets, value)      # the first bucket it fits; cumulated when rendered
         with self._lock:
             counts = self._values.get(key)
@@ -196,20 +201,20 @@ class SluiceMetrics:
         r.gauge_fn("sluice_build_info", "sluice version", ("version",), lambda: [((version,), 1)])
         r.gauge_fn("sluice_uptime_seconds", "Seconds since sluice started", (), lambda: [((), uptime())])
 
-    def record(self, entry: dict) -> None:
-        """One finished job (the request-log entry)."""
-        model, prio = entry["model"], str(entry["priority"])
-        self.requests.inc(model=model, priority=prio, route=entry["route"], outcome=entry["outcome"])
-        self.wait.observe(entry["wait_ms"] / 1000, model=model, priority=prio)
-        if entry.get("granted"):
-            self.duration.observe(entry["service_ms"] / 1000, model=model)
+    def record(self, entry: dict, granted: bool) -> None:
+        """One finished job (the request-log entry); `granted`: it reached a backend (it has a duration)."""
+        model, prio = (entry["model"],), str(entry["priority"])
+        self.requests.inc_at((*model, prio, entry["route"], entry["outcome"]))
+        self.wait.observe_at((*model, prio), entry["wait_ms"] / 1000)
+        if granted:
+            self.duration.observe_at(model, entry["service_ms"] / 1000)
         if entry.get("ttfb_ms") is not None:
-            self.ttft.observe(entry["ttfb_ms"] / 1000, model=model)
+            self.ttft.observe_at(model, entry["ttfb_ms"] / 1000)
         usage = entry.get("usage") or {}
         for kind in ("prompt", "completion"):
             n = usage.get(f"{kind}_tokens")
             if isinstance(n, (int, float)) and n > 0:
-                self.tokens.inc(n, model=model, kind=kind)
+                self.tokens.inc_at((*model, kind), n)
 
     def record_switch(self, gate: str, phases: dict) -> None:
         self.switches.inc(gate=gate, **{"from": str(phases.get("from")), "to": str(phases["to"])},

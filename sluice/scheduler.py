@@ -321,6 +321,8 @@ class Scheduler:
                 finished = job
             elif job.model not in self._queues:       # cloud: no gate, no queue
                 self._grant_locked(job, None, now)
+            elif not self._depth and (free := self._candidates_locked(job.model)):
+                self._grant_locked(job, free[0], now)   # nothing waits anywhere: straight through, no queue
             else:
                 job.state = JobState.QUEUED
                 self._queues[job.model][job.priority].push(job)

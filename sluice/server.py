@@ -21,12 +21,14 @@ from typing import Callable
 
 from sluice import __version__, errors
 from sluice.scheduler import new_id
+from sluice.upstream import wait_at_most
 
 log = logging.getLogger("sluice.server")
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_HEADER_BYTES = 32 * 1024
 MAX_JSON_DEPTH = 64
+compact_json = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps(..., separators=...) makes one per call
 _BUSY_BODY = b'{"error":{"message":"too many connections to sluice; retry shortly","type":"overloaded_error",' \
              b'"param":null,"code":"too_many_connections"}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -218,6 +220,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True
     request_id: str | None = None
+    body = b""                  # the raw request body, as read_json read it
     server: "Server"
 
     def parse_request(self) -> bool:
@@ -350,6 +353,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(data) < n:
             raise ClientGone()
         self._reader.deadline = None          # the request is in; answering may take as long as it takes
+        self.body = data
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
@@ -364,16 +368,16 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status: int, body: bytes, content_type: str = "application/json",
                 headers: dict[str, str] | None = None) -> None:
         """Head and body in one send (no Nagle stall between two small writes)."""
-        head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}",
-                f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
-                f"X-Request-Id: {self.request_id}"]
-        head += [f"{k}: {v}" for k, v in {**self.extra_headers, **(headers or {})}.items()]
+        head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nX-Request-Id: {self.request_id}\r\n")
+        extra = {**self.extra_headers, **headers} if headers else self.extra_headers
+        head += "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
         if self.close_connection:
-            head.append("Connection: close")
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else body))
+            head += "Connection: close\r\n"
+        self.wfile.write((head + "\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else body))
 
     def respond_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
-        self.respond(status, json.dumps(obj, separators=(",", ":")).encode(), headers=headers)
+        self.respond(status, compact_json(obj).encode(), headers=headers)
 
     def respond_error(self, err: errors.SluiceError, native: bool | None = None,
                       headers: dict[str, str] | None = None) -> None:
@@ -414,10 +418,7 @@ class _DeadlineReader(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("client too slow")
-            self._sock.settimeout(left)
+            wait_at_most(self._sock, self.deadline - time.monotonic())
         return self._sock.recv_into(buf)
 
 

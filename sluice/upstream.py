@@ -30,6 +30,19 @@ def strip_think(text: str) -> str:
     return _THINK.sub("", text).strip() if "<think>" in text else text
 
 
+def wait_at_most(sock: socket.socket, left: float) -> None:
+    """Let the socket's next recv or send wait about `left` seconds at most (a deadline's remaining time).
+
+    settimeout is a syscall, and every read towards one deadline would make another; a timeout already
+    within 5 % of `left` (1 s at most) is kept, so a wait ends at most that much off the deadline.
+    """
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    current = sock.gettimeout()
+    if current is None or abs(current - left) > min(1.0, left / 20):
+        sock.settimeout(left)
+
+
 class ProtocolError(OSError):
     """The backend broke HTTP/1.1 framing (bad status line, bad chunk size, closed mid-body)."""
 
@@ -150,6 +163,10 @@ class Exchange:
         if self._done:
             return b""
         try:
+            rfile = self._conn.rfile
+            if self._length is not None and len(rfile.peek(self._length)) >= self._length:
+                self._done = True                 # it came with the head: no timeout to set, nothing to wait for
+                return rfile.read(self._length)
             return b"".join(self._pieces(deadline))
         except (OSError, ValueError) as e:
             raise self._failure(e, "while reading the response") from None
@@ -193,10 +210,7 @@ class Exchange:
             self._conn.close()
 
     def _settimeout(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        self._conn.sock.settimeout(remaining)
+        wait_at_most(self._conn.sock, deadline - time.monotonic())
 
     def _failure(self, e: Exception, when: str) -> errors.SluiceError:
         self._conn.close()
@@ -263,7 +277,7 @@ class Upstream:
 
         `on_open` gets the exchange before anything is sent, so a cancel can abort it at any point.
         """
-        hdrs = self._head + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        hdrs = self._head + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) if headers else self._head
         conn = self._checkout()
         attempt = 0
         while conn is None:

@@ -49,6 +49,7 @@ class FakeBackend:
         self.chunks = chunks
         self.chunk_delay = chunk_delay
         self.arrivals: list[dict] = []        # request bodies in arrival order
+        self.raw_arrivals: list[bytes] = []   # the same, as the bytes that came
         self.current = 0
         self.max_seen = 0
         self.violations: list[str] = []
@@ -94,7 +95,9 @@ class FakeBackend:
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(n) or b"{}")
+                raw = self.rfile.read(n)
+                outer.raw_arrivals.append(raw)
+                body = json.loads(raw or b"{}")
                 if not self.path.startswith("/v1/"):
                     return outer._control(self, self.path, body)
                 if outer.sleeping:

@@ -75,3 +75,23 @@ def test_rotating_file_appends_to_an_existing_file_counting_its_size(tmp_path):
     logger_with(h, "test.logfile.append").info("0123456789")
     h.close()
     assert (tmp_path / "y.log.1").read_text() == "z" * 90 + "\n" and path.read_text() == "0123456789\n"
+
+
+def test_a_record_shared_by_two_handlers_is_formatted_once():
+    class Counted:
+        calls = 0
+
+        def __str__(self):
+            Counted.calls += 1
+            return "payload"
+
+    fmt = logfile.OnceFormatter("%(levelname)s %(message)s")
+    a, b = logfile.BatchHandler(io.StringIO()), logfile.BatchHandler(io.StringIO())
+    a.setFormatter(fmt)
+    b.setFormatter(fmt)
+    lg = logger_with(a, "test.logfile.once")
+    lg.addHandler(b)
+    lg.info("%s", Counted())
+    lg.info("%s", Counted())
+    assert a.sink.getvalue() == b.sink.getvalue() == "INFO payload\nINFO payload\n"
+    assert Counted.calls == 2                   # once per record, not once per handler

@@ -351,3 +351,33 @@ def test_wrong_content_type_from_upstream_is_502(app):
     assert status == 502 and "invalid JSON" in body["error"]
     status, _, body = call(app, "POST", "/v1/chat/completions", chat_body("!html"))
     assert status == 502
+
+
+@pytest.mark.parametrize("raw, expect", [
+    (b'{"model":"tiny","messages":[]}', b'{"model":"up/id","messages":[]}'),
+    (b'{"messages": [], "model" :\n "tiny", "n": 1.0e0}', b'{"messages": [], "model" :\n "up/id", "n": 1.0e0}'),
+    (b'{"messages":[{"content":"say \\"model\\": tiny"}],"model":"tiny"}',      # escaped quotes are not a key
+     b'{"messages":[{"content":"say \\"model\\": tiny"}],"model":"up/id"}'),
+    (b'{"model":"tiny","metadata":{"model":"tiny"}}', None),        # two: which one is top-level is not certain
+    (b'{"model":"tiny","messages":[{"role":"model"}]}', None),      # "model" as a value counts too
+    (b'{"mod\\u0065l":"tiny","x":{"model":"tiny"}}', None),          # the top-level key spelled with an escape
+    (b'{"model":"t\\u0069ny"}', None),                                # the name spelled with an escape
+    (b'{"x":{"model":"tiny"},"mod\\u0065l":"tiny"}', None),
+    (b'{"mod\\u0065l":"tiny","a\\"model":"tiny"}', None),        # an escaped quote does not open a literal
+])
+def test_with_model_swaps_only_the_top_level_model_bytes(raw, expect):
+    from sluice.api import with_model
+    assert json.loads(raw)["model"] == "tiny"
+    assert with_model(raw, "tiny", "up/id") == expect
+
+
+def test_the_client_bytes_reach_the_backend_with_only_the_model_changed(app, backend):
+    raw = b'{ "messages" : [ {"role": "user", "content": "caf\\u00e9 \\"model\\""} ],\n  "model": "tiny",' \
+          b' "temperature": 1.0e-1, "top_p": 0.90000000000000002, "seed": 12345678901234567890 }'
+    status, _, _ = call(app, "POST", "/v1/chat/completions", raw=raw)
+    assert status == 200
+    assert backend.raw_arrivals[-1] == raw.replace(b'"tiny"', b'"mlx-community/Qwen3-1.7B-4bit"')
+    # a body sluice must change besides the model (priority is not for this backend) is re-encoded
+    status, _, _ = call(app, "POST", "/v1/chat/completions", chat_body(priority=1))
+    assert status == 200 and b'"priority"' not in backend.raw_arrivals[-1]
+    assert backend.arrivals[-1]["model"] == "mlx-community/Qwen3-1.7B-4bit"

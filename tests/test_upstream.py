@@ -1,0 +1,96 @@
+"""The hand-rolled backend client: response framing, and how it bounds its waits."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from sluice import errors
+from sluice.upstream import Upstream, wait_at_most
+
+
+class RawBackend:
+    """A real TCP server on 127.0.0.1 that answers each request with the byte pieces it is given,
+    waiting for `go` before each piece after the first (a body that arrives after its head)."""
+
+    def __init__(self, pieces: list[bytes]):
+        self.pieces = pieces
+        self.go = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            for i, piece in enumerate(self.pieces):
+                if i:
+                    assert self.go.wait(10)
+                conn.sendall(piece)
+
+    def close(self) -> None:
+        self.go.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+BODY = b'{"choices":[],"usage":{"prompt_tokens":1}}'
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+
+
+def test_a_body_that_arrives_after_its_head_is_read_whole():
+    be = RawBackend([HEAD, BODY[:10], BODY[10:]])
+    try:
+        ex = Upstream("b", be.url).open("POST", "/chat/completions", b"{}", time.monotonic() + 10)
+        assert ex.status == 200
+        threading.Timer(0.05, be.go.set).start()       # the rest comes while read() waits for it
+        assert ex.read(time.monotonic() + 10) == BODY
+        ex.close()
+    finally:
+        be.close()
+
+
+def test_a_body_cut_short_is_a_502_naming_the_missing_bytes():
+    be = RawBackend([HEAD + BODY[:10]])                 # then the server closes the connection
+    try:
+        ex = Upstream("b", be.url).open("POST", "/chat/completions", b"{}", time.monotonic() + 10)
+        with pytest.raises(errors.BadGateway, match=f"{len(BODY) - 10} body bytes missing"):
+            ex.read(time.monotonic() + 10)
+    finally:
+        be.close()
+
+
+def test_a_body_that_never_comes_ends_at_the_deadline():
+    be = RawBackend([HEAD + BODY[:10], BODY[10:]])      # the rest only after go, which the test never sets
+    try:
+        ex = Upstream("b", be.url).open("POST", "/chat/completions", b"{}", time.monotonic() + 10)
+        with pytest.raises(errors.QueueTimeout):
+            ex.read(time.monotonic() + 0.2)
+    finally:
+        be.close()
+
+
+def test_wait_at_most_keeps_a_timeout_that_is_close_enough():
+    a, b = socket.socketpair()
+    with a, b:
+        wait_at_most(a, 30.0)
+        assert a.gettimeout() == 30.0
+        wait_at_most(a, 29.5)                   # within 1 s: no syscall, the wait may end 0.5 s off
+        assert a.gettimeout() == 30.0
+        wait_at_most(a, 28.0)                   # further off: set
+        assert a.gettimeout() == 28.0
+        wait_at_most(a, 0.5)                    # short deadlines keep 5 %: 0.025 s here
+        assert a.gettimeout() == 0.5
+        wait_at_most(a, 0.49)
+        assert a.gettimeout() == 0.5
+        wait_at_most(a, 0.4)
+        assert a.gettimeout() == 0.4
+        with pytest.raises(TimeoutError):
+            wait_at_most(a, 0.0)
