@@ -67,16 +67,15 @@ PATCHES = {
     "recorder-off": "App._record_one is a no-op: no per-request log lines, JSONL, metrics or `recent`",
     "logs-off": "logging.disable(INFO): no per-request log line nor JSONL line; metrics kept",
     "switch-1ms": "sys.setswitchinterval(0.001) instead of 5 ms (how long a thread waits for the GIL at most)",
-    "timeouts-off": "sockets blocking, no per-read timeouts (unsafe: what the poll before each recv/send and the "
-                    "settimeout ioctls cost)",
 }
 FLOORS = {
     "floor-threads": "not sluice: a minimal keep-alive relay, one blocking thread per connection (sluice's "
                      "model), bytes passed through unparsed",
     "floor-threads-json": "the same relay, plus json.loads/dumps of the request and json.loads of the response "
                           "(what a router must do to rewrite `model` and read `usage`)",
-    "floor-threads-timeout": "the bytes relay with socket timeouts set before each read and send, as sluice does "
-                             "(CPython then polls before every recv/send and settimeout is an ioctl)",
+    "floor-threads-timeout": "the bytes relay with Python socket timeouts set before each read and send (CPython then "
+                             "polls before every recv/send and settimeout is an ioctl; sluice lets the kernel "
+                             "bound its waits instead)",
     "floor-threads-threads": "the bytes relay plus two idle helper threads that wake every 0.2 s and 0.5 s "
                              "(like sluice's recorder and main loop) - GIL contention check",
     "floor-asyncio": "not sluice: a minimal keep-alive relay on asyncio streams, bytes passed through",
@@ -191,22 +190,6 @@ def patched_child(name: str) -> None:
         logging.disable(logging.INFO)
     elif name == "switch-1ms":
         sys.setswitchinterval(0.001)
-    elif name == "timeouts-off":
-        from sluice import server, upstream
-        upstream.Exchange._settimeout = lambda self, deadline: None
-        server._DeadlineReader.readinto = lambda self, buf: self._sock.recv_into(buf)
-        setup = server.Handler.setup
-
-        def blocking_setup(self):
-            setup(self)
-            self.connection.settimeout(None)
-        server.Handler.setup = blocking_setup
-        conn_init = upstream.Conn.__init__
-
-        def blocking_conn(self, *a):
-            conn_init(self, *a)
-            self.sock.settimeout(None)
-        upstream.Conn.__init__ = blocking_conn
     elif name != "base" and tree is None:
         raise SystemExit(f"unknown patch {name}")
     sys.argv = ["sluice"]

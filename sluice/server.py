@@ -21,7 +21,7 @@ from typing import Callable
 
 from sluice import __version__, errors
 from sluice.scheduler import new_id
-from sluice.upstream import wait_at_most
+from sluice.sockets import BoundedSocket
 
 log = logging.getLogger("sluice.server")
 
@@ -262,17 +262,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.client_timeout_s)
         # Reads go through a deadline: a client must deliver each request (head and body) within
-        # client_timeout_s of starting it, however slowly it trickles bytes (slowloris).
-        self._reader = _DeadlineReader(self.connection)
+        # client_timeout_s of starting it, however slowly it trickles bytes (slowloris). A write waits
+        # as long at most.
+        self._io = BoundedSocket(self.connection)
+        self._io.limit(self.server.client_timeout_s)
         self.rfile.close()
-        self.rfile = io.BufferedReader(self._reader, 65536)
+        self.rfile = io.BufferedReader(self._io, 65536)
+        self.wfile = self._io
 
     def handle_one_request(self) -> None:
         """One request on the connection. Every method goes through the route table (an unknown one is a
         JSON 405, never the stdlib's HTML 501), so there is no do_GET/do_POST lookup."""
-        self._reader.deadline = time.monotonic() + self.server.client_timeout_s
+        self._io.deadline = time.monotonic() + self.server.client_timeout_s
         self.request_id = None       # a protocol error below gets an id of its own, not the last request's
         try:
             self.raw_requestline = self.rfile.readline(65537)
@@ -352,7 +354,7 @@ class Handler(BaseHTTPRequestHandler):
         data = self.rfile.read(n)
         if len(data) < n:
             raise ClientGone()
-        self._reader.deadline = None          # the request is in; answering may take as long as it takes
+        self._io.deadline = None          # the request is in; answering may take as long as it takes
         self.body = data
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
@@ -404,22 +406,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:
             raise ClientGone() from None
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The connection's read side, refusing to wait past `deadline` in total (not per recv)."""
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-        self.deadline: float | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if self.deadline is not None:
-            wait_at_most(self._sock, self.deadline - time.monotonic())
-        return self._sock.recv_into(buf)
 
 
 def _too_deep(data: bytes) -> bool:

@@ -7,6 +7,7 @@ the backend may have received is never sent again, so a retry can never overlap 
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from sluice import errors
+from sluice.sockets import BoundedSocket
 
 log = logging.getLogger("sluice.upstream")
 
@@ -28,19 +30,6 @@ MAX_MANIFEST_BYTES = 4 << 20      # a larger model list is not one
 def strip_think(text: str) -> str:
     """Drop reasoning blocks (Qwen3 and friends) from a completion, as the seed did."""
     return _THINK.sub("", text).strip() if "<think>" in text else text
-
-
-def wait_at_most(sock: socket.socket, left: float) -> None:
-    """Let the socket's next recv or send wait about `left` seconds at most (a deadline's remaining time).
-
-    settimeout is a syscall, and every read towards one deadline would make another; a timeout already
-    within 5 % of `left` (1 s at most) is kept, so a wait ends at most that much off the deadline.
-    """
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    current = sock.gettimeout()
-    if current is None or abs(current - left) > min(1.0, left / 20):
-        sock.settimeout(left)
 
 
 class ProtocolError(OSError):
@@ -61,7 +50,8 @@ class Conn:
             import ssl
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         self.sock = sock
-        self.rfile = sock.makefile("rb", buffering=65536)
+        self.io = BoundedSocket(sock)
+        self.rfile = io.BufferedReader(self.io, 65536)
 
     def close(self) -> None:
         try:
@@ -92,8 +82,8 @@ class Exchange:
         body = body or b""
         head = f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
         try:
-            self._settimeout(deadline)
-            self._conn.sock.sendall(head.encode("latin-1") + body)
+            self._limit(deadline)
+            self._conn.io.write(head.encode("latin-1") + body)
             self._read_head()
         except (OSError, ValueError) as e:
             raise self._failure(e, "before answering") from None
@@ -134,7 +124,7 @@ class Exchange:
         rfile = self._conn.rfile
         if self._chunked:
             while True:
-                self._settimeout(deadline)
+                self._limit(deadline)
                 size_line = rfile.readline(65537)
                 size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)   # ValueError on garbage
                 if size == 0:
@@ -148,7 +138,7 @@ class Exchange:
                 yield data
         left = self._length
         while left is None or left > 0:
-            self._settimeout(deadline)
+            self._limit(deadline)
             data = rfile.read1(65536 if left is None else min(left, 65536))
             if not data:
                 if left is None:
@@ -209,8 +199,8 @@ class Exchange:
         else:
             self._conn.close()
 
-    def _settimeout(self, deadline: float) -> None:
-        wait_at_most(self._conn.sock, deadline - time.monotonic())
+    def _limit(self, deadline: float) -> None:
+        self._conn.io.limit(deadline - time.monotonic())
 
     def _failure(self, e: Exception, when: str) -> errors.SluiceError:
         self._conn.close()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
 import pytest
 
 from sluice import errors
-from sluice.upstream import Upstream, wait_at_most
+from sluice.sockets import BoundedSocket
+from sluice.upstream import Upstream
 
 
 class RawBackend:
@@ -77,20 +79,43 @@ def test_a_body_that_never_comes_ends_at_the_deadline():
         be.close()
 
 
-def test_wait_at_most_keeps_a_timeout_that_is_close_enough():
+def test_a_wait_bound_close_enough_to_the_asked_one_is_kept():
     a, b = socket.socketpair()
     with a, b:
-        wait_at_most(a, 30.0)
-        assert a.gettimeout() == 30.0
-        wait_at_most(a, 29.5)                   # within 1 s: no syscall, the wait may end 0.5 s off
-        assert a.gettimeout() == 30.0
-        wait_at_most(a, 28.0)                   # further off: set
-        assert a.gettimeout() == 28.0
-        wait_at_most(a, 0.5)                    # short deadlines keep 5 %: 0.025 s here
-        assert a.gettimeout() == 0.5
-        wait_at_most(a, 0.49)
-        assert a.gettimeout() == 0.5
-        wait_at_most(a, 0.4)
-        assert a.gettimeout() == 0.4
+        io = BoundedSocket(a)
+        assert a.gettimeout() is None                   # blocking: no poll before each recv and send
+
+        def kernel_wait() -> float:
+            sec, usec = struct.unpack("ll", a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+            assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == struct.pack("ll", sec, usec)
+            return sec + usec / 1e6
+
+        io.limit(30.0)
+        assert kernel_wait() == 30.0
+        io.limit(29.5)                                  # within 1 s: no syscall, a wait may end 0.5 s off
+        assert kernel_wait() == 30.0
+        io.limit(28.0)                                  # further off: set
+        assert kernel_wait() == 28.0
+        io.limit(0.5)                                   # short bounds keep 5 %: 0.025 s here
+        io.limit(0.49)
+        assert kernel_wait() == 0.5
+        io.limit(0.4)
+        assert kernel_wait() == 0.4
+        io.limit(1e-9)                                  # never 0, which would mean no bound at all
+        assert 0 < kernel_wait() < 0.02                 # (the kernel counts in scheduler ticks)
         with pytest.raises(TimeoutError):
-            wait_at_most(a, 0.0)
+            io.limit(0.0)
+
+
+def test_a_read_or_write_that_waits_too_long_is_a_timeout():
+    a, b = socket.socketpair()
+    with a, b:
+        io = BoundedSocket(a)
+        io.limit(0.05)
+        with pytest.raises(TimeoutError):
+            io.readinto(bytearray(10))                  # nothing comes
+        with pytest.raises(TimeoutError):
+            io.write(b"x" * (64 << 20))                 # nobody reads: the buffers fill
+        io.deadline = time.monotonic() - 1
+        with pytest.raises(TimeoutError):
+            io.readinto(bytearray(10))                  # a deadline already past
