@@ -7,10 +7,10 @@ runs the same life of a job: submit -> wait for a grant (watching the client) ->
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
-import re
 import time
 from typing import Any, Callable
 
@@ -22,7 +22,6 @@ from sluice.upstream import Exchange, Upstream, json_body, strip_think
 
 log = logging.getLogger("sluice.api")
 
-_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
 _OUTCOME = {errors.QueueTimeout: Outcome.TIMEOUT, errors.Cancelled: Outcome.CANCELLED,
             errors.QueueFull: Outcome.REJECTED, errors.TooManyRequests: Outcome.REJECTED}
 
@@ -84,11 +83,16 @@ def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
     i = raw.find(b'"model"')
     if i < 0 or raw.find(b'"model"', i + 7) >= 0 or b"\\u006" in raw:
         return None
-    m = _COLON.match(raw, i + 7)
-    old = json.dumps(asked).encode()
-    if m is None or not raw.startswith(old, m.end()):
+    old = _json_str(asked)
+    j = raw.find(old, i + 7)
+    if j < 0 or raw[i + 7:j].strip(b" \t\r\n") != b":":
         return None
-    return b"%s%s%s" % (raw[:m.end()], json.dumps(upstream).encode(), raw[m.end() + len(old):])
+    return raw[:j] + _json_str(upstream) + raw[j + len(old):]
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_str(s: str) -> bytes:
+    return json.dumps(s).encode()
 
 
 class Api:
