@@ -264,7 +264,7 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
     import timeit
     sys.path.insert(0, str(ROOT))
     from sluice import app as app_mod
-    from sluice import cli, config, scheduler, upstream
+    from sluice import api, cli, config, scheduler, server, upstream
     d = work / "micro"
     d.mkdir(parents=True, exist_ok=True)
     lsock = socket.create_server(("127.0.0.1", 0))            # a backend URL that accepts connections
@@ -323,8 +323,7 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
         ("recorder: App._record_one (metrics + JSONL line + log line, off the request path)",
          lambda: app._record_one(job_done, 2.0, 1.0)),
         ("  metrics.record", lambda: app.metrics.record(entry, True)),
-        ("  JSONL line (requests.jsonl, RotatingFileHandler)",
-         lambda: app._requests_log.info(_json.dumps(entry, separators=(",", ":")))),
+        ("  JSONL line (requests.jsonl)", lambda: app._requests_log.write_line(server.compact_json(entry))),
         ("  human log line (stderr + sluice.log)",
          lambda: human.info("req=%s route=%s model=%s prio=%d wait_ms=%.1f service_ms=%.1f outcome=%s status=%s%s",
                             "abcdef012345", "/v1/chat/completions", "d0", 2, 0.0, 0.3, "ok", 200, "")),
@@ -334,10 +333,11 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
          lambda: scheduler.Job("d0", 2, "/v1/chat/completions", timeout_s=300.0)),
         ("  new_id", scheduler.new_id),
         ("DisconnectWatcher.watch enter + exit (a note in a dict)", watch),
-        ("Upstream._checkout + _checkin (select() on the idle socket)", checkout),
-        ("socket.settimeout (an ioctl each)", lambda: a.settimeout(30.0)),
+        ("Upstream._checkout + _checkin (poll() on the idle socket)", checkout),
+        ("socket.settimeout (an ioctl; sluice's BoundedSocket.limit mostly skips it)", lambda: a.settimeout(30.0)),
         ("json.loads(request body)", lambda: _json.loads(req)),
-        ("json.dumps(request body) for the upstream", lambda: _json.dumps(_json.loads(req)).encode()),
+        ("with_model: the client's bytes with the model swapped", lambda: api.with_model(req, "d0", "fake-model")),
+        ("  (json.dumps of the parsed body, what it replaces)", lambda: _json.dumps(_json.loads(req)).encode()),
         ("upstream.json_body(response) (for usage)", lambda: upstream.json_body(resp, "d0")),
     ]
     L = [f"In-process timings of sluice's per-request pieces ({n} calls x {repeat} rounds; µs per call, median "

@@ -52,6 +52,12 @@ class Conn:
         self.sock = sock
         self.io = BoundedSocket(sock)
         self.rfile = io.BufferedReader(self.io, 65536)
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
+
+    def stale(self) -> bool:
+        """An idle connection the server closed (or wrote to unasked): it is readable."""
+        return bool(self._readable.poll(0))
 
     def close(self) -> None:
         try:
@@ -240,9 +246,9 @@ class Upstream:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                # An idle connection that is readable was closed (or poisoned) by the server: drop it
-                # rather than send on it and have to guess whether the backend saw the request.
-                if not select.select([conn.sock], [], [], 0)[0]:
+                # Drop a stale connection rather than send on it and have to guess whether the backend saw
+                # the request.
+                if not conn.stale():
                     return conn
                 conn.close()
         return None
