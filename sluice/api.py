@@ -22,6 +22,10 @@ from sluice.upstream import Exchange, Upstream, json_body, strip_think
 
 log = logging.getLogger("sluice.api")
 
+# Fields whose value changes what sluice does or allows. One of them twice (`"max_tokens":99999,"max_tokens":5`)
+# makes sluice re-encode the body: it checked the last value, and a backend whose parser keeps the first one
+# must not see another.
+_DECIDING_FIELDS = (b'"stream"', b'"max_tokens"', b'"max_completion_tokens"')
 _OUTCOME = {errors.QueueTimeout: Outcome.TIMEOUT, errors.Cancelled: Outcome.CANCELLED,
             errors.QueueFull: Outcome.REJECTED, errors.TooManyRequests: Outcome.REJECTED}
 
@@ -81,7 +85,7 @@ def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
     no such escape in the body, the top-level key is where those seven bytes are, when they occur once.
     """
     i = raw.find(b'"model"')
-    if i < 0 or raw.find(b'"model"', i + 7) >= 0 or b"\\u006" in raw:
+    if i < 0 or raw.find(b'"model"', i + 7) >= 0 or b"\\u006" in raw or raw.startswith(b"\xef\xbb\xbf"):
         return None
     old = _json_str(asked)
     j = raw.find(old, i + 7)
@@ -371,7 +375,9 @@ class Api:
         forward_priority = self.backends[job.backend].forward_priority
         # The client's own bytes with only the model swapped, when nothing else changes (the usual request):
         # no re-encoding, and every other field goes upstream exactly as the client wrote it.
-        data = None if forward_priority or "priority" in body else with_model(h.body, body["model"], upstream_model)
+        raw = h.body
+        data = None if forward_priority or "priority" in body or any(raw.count(f) > 1 for f in _DECIDING_FIELDS) \
+            else with_model(raw, body["model"], upstream_model)
         if data is None:
             out = {**body, "model": upstream_model}
             if forward_priority:

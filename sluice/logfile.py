@@ -115,14 +115,14 @@ class BatchHandler(logging.Handler):
 class OnceFormatter(logging.Formatter):
     """A formatter shared by several handlers (stderr and sluice.log) that formats each record once."""
 
-    _last: tuple = (None, "")
+    _last: tuple = (lambda: None, "")     # a weak reference: a record (and its traceback) is not kept alive
 
     def format(self, record: logging.LogRecord) -> str:
-        last = self._last                  # one read: another thread may replace it meanwhile
-        if last[0] is record:
-            return last[1]
+        ref, text = self._last             # one read: another thread may replace it meanwhile
+        if ref() is record:
+            return text
         text = super().format(record)
-        self._last = (record, text)
+        self._last = (weakref.ref(record), text)
         return text
 
 

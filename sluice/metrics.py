@@ -203,18 +203,18 @@ class SluiceMetrics:
 
     def record(self, entry: dict, granted: bool) -> None:
         """One finished job (the request-log entry); `granted`: it reached a backend (it has a duration)."""
-        model, prio = (entry["model"],), str(entry["priority"])
-        self.requests.inc_at((*model, prio, entry["route"], entry["outcome"]))
-        self.wait.observe_at((*model, prio), entry["wait_ms"] / 1000)
+        model, prio = entry["model"], str(entry["priority"])
+        self.requests.inc_at((model, prio, entry["route"], entry["outcome"]))
+        self.wait.observe_at((model, prio), entry["wait_ms"] / 1000)
         if granted:
-            self.duration.observe_at(model, entry["service_ms"] / 1000)
+            self.duration.observe_at((model,), entry["service_ms"] / 1000)
         if entry.get("ttfb_ms") is not None:
-            self.ttft.observe_at(model, entry["ttfb_ms"] / 1000)
+            self.ttft.observe_at((model,), entry["ttfb_ms"] / 1000)
         usage = entry.get("usage") or {}
         for kind in ("prompt", "completion"):
             n = usage.get(f"{kind}_tokens")
             if isinstance(n, (int, float)) and n > 0:
-                self.tokens.inc_at((*model, kind), n)
+                self.tokens.inc_at((model, kind), n)
 
     def record_switch(self, gate: str, phases: dict) -> None:
         self.switches.inc(gate=gate, **{"from": str(phases.get("from")), "to": str(phases["to"])},

@@ -131,6 +131,10 @@ class _Level:
         self.by_client.setdefault(job.client, deque()).append(job)
         self.n += 1
 
+    def pass_through(self, job: "Job") -> None:
+        """A job granted with nothing queued: tags and virtual time move as if it was queued and granted."""
+        job.tag = self.vtime = max(self.vtime, self.last_tag.pop(job.client, 0)) + 1
+
     def remove(self, job: "Job", granted: bool = False) -> None:
         d = self.by_client[job.client]
         if d[0] is job:
@@ -322,7 +326,8 @@ class Scheduler:
             elif job.model not in self._queues:       # cloud: no gate, no queue
                 self._grant_locked(job, None, now)
             elif not self._depth and (free := self._candidates_locked(job.model)):
-                self._grant_locked(job, free[0], now)   # nothing waits anywhere: straight through, no queue
+                self._queues[job.model][job.priority].pass_through(job)   # nothing waits: no queue to pass
+                self._grant_locked(job, free[0], now)
             else:
                 job.state = JobState.QUEUED
                 self._queues[job.model][job.priority].push(job)
@@ -616,7 +621,7 @@ class Scheduler:
     def _grant_fast_locked(self, job: Job, now: float) -> bool:
         """Grant a just-queued job inline when its gate has nothing else waiting (no thread hop)."""
         for b in self._candidates_locked(job.model):
-            if self._depth == 1 or self._waiting_on_locked(b.gate) == 1:    # only this job waits anywhere
+            if self._waiting_on_locked(b.gate) == 1:     # only this job waits for the gate
                 self._grant_locked(job, b, now)
                 return True
         return False

@@ -263,8 +263,8 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         # Reads go through a deadline: a client must deliver each request (head and body) within
-        # client_timeout_s of starting it, however slowly it trickles bytes (slowloris). A write waits
-        # as long at most.
+        # client_timeout_s of starting it, however slowly it trickles bytes (slowloris). Each write to it
+        # may take as long.
         self._io = BoundedSocket(self.connection)
         self._io.limit(self.server.client_timeout_s)
         self.rfile.close()
@@ -331,6 +331,8 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("request %s %s %s failed", self.request_id, self.command, path)
             self.respond_error(errors.SluiceError(
                 f"internal error in sluice (request id {self.request_id}); please report it"))
+        finally:
+            self.body = b""               # not kept while the connection waits for its next request
 
     def read_json(self, max_bytes: int) -> dict:
         """The request body as a JSON object, bounded in size and nesting; a 4xx says what is wrong."""
@@ -355,6 +357,7 @@ class Handler(BaseHTTPRequestHandler):
         if len(data) < n:
             raise ClientGone()
         self._io.deadline = None          # the request is in; answering may take as long as it takes
+        self._io.limit(self.server.client_timeout_s)       # and each write to the client this long
         self.body = data
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
@@ -370,13 +373,17 @@ class Handler(BaseHTTPRequestHandler):
     def respond(self, status: int, body: bytes, content_type: str = "application/json",
                 headers: dict[str, str] | None = None) -> None:
         """Head and body in one send (no Nagle stall between two small writes)."""
-        head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nX-Request-Id: {self.request_id}\r\n")
+        head = self._head(status, f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n", headers)
+        self.wfile.write(head + (b"" if self.command == "HEAD" else body))
+
+    def _head(self, status: int, lines: str, headers: dict[str, str] | None) -> bytes:
+        """A response head: the status line, `lines` (each ending in CRLF), the request id, extra headers."""
         extra = {**self.extra_headers, **headers} if headers else self.extra_headers
+        head = f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n{lines}X-Request-Id: {self.request_id}\r\n"
         head += "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
         if self.close_connection:
             head += "Connection: close\r\n"
-        self.wfile.write((head + "\r\n").encode("latin-1") + (b"" if self.command == "HEAD" else body))
+        return (head + "\r\n").encode("latin-1")
 
     def respond_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
         self.respond(status, compact_json(obj).encode(), headers=headers)
@@ -389,10 +396,8 @@ class Handler(BaseHTTPRequestHandler):
         self.respond_json(status, body, headers={**errors.response_headers(err), **(headers or {})})
 
     def start_sse(self, headers: dict[str, str] | None = None) -> None:
-        head = ["HTTP/1.1 200 OK", "Content-Type: text/event-stream", "Cache-Control: no-cache",
-                "X-Accel-Buffering: no", "Transfer-Encoding: chunked", f"X-Request-Id: {self.request_id}"]
-        head += [f"{k}: {v}" for k, v in {**self.extra_headers, **(headers or {})}.items()]
-        self.write_raw(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        self.write_raw(self._head(200, "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                                       "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n", headers))
 
     def sse_chunk(self, data: bytes) -> None:
         if data:

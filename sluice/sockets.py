@@ -14,34 +14,39 @@ import ssl
 import struct
 import time
 
-# What a blocking socket raises when the kernel's wait runs out (EAGAIN; through TLS, SSL_ERROR_WANT_*).
-_RAN_OUT = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
-
 
 class BoundedSocket(io.RawIOBase):
-    """Reads (wrap it in a BufferedReader) and whole writes on `sock`, each waiting `limit()` at most."""
+    """Reads (wrap it in a BufferedReader) and whole writes on `sock`, each waiting `limit()` at most.
+
+    A TLS socket keeps Python's timeouts: through TLS a blocking socket whose kernel timeout runs out is
+    simply read again, so the kernel cannot bound it.
+    """
 
     def __init__(self, sock: socket.socket):
-        sock.settimeout(None)
         self.sock = sock
         self.deadline: float | None = None   # when set, reads must end by then (a client's whole request)
-        self._wait: float | None = None     # what the kernel's timeouts are set to now
+        self._wait: float | None = None     # the bound set now, in seconds
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        if not self._tls:
+            sock.settimeout(None)
 
     def limit(self, left: float) -> None:
-        """Let each following recv or send wait about `left` seconds at most (a deadline's remaining time).
+        """Let each following recv, and each whole write, wait about `left` seconds at most.
 
-        Setting the kernel's timeouts is two syscalls, and every read towards one deadline would set them
-        again; a setting already within 5 % of `left` (1 s at most) is kept, so a wait ends at most that
-        much off the deadline.
+        Setting the bound costs syscalls, and every read towards one deadline would set it again; a bound
+        already within 5 % of `left` (1 s at most) is kept, so a wait ends at most that much off.
         """
         if left <= 0:
             raise TimeoutError("deadline passed")
         if self._wait is None or abs(self._wait - left) > min(1.0, left / 20):
-            sec = int(left)
-            usec = int((left - sec) * 1e6) or (0 if sec else 1)       # zero would mean: no limit at all
-            timeval = struct.pack("ll", sec, usec)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            if self._tls:
+                self.sock.settimeout(left)
+            else:
+                sec = int(left)
+                usec = int((left - sec) * 1e6) or (0 if sec else 1)       # zero would mean: no bound at all
+                timeval = struct.pack("ll", sec, usec)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self._wait = left
 
     def readable(self) -> bool:
@@ -55,13 +60,30 @@ class BoundedSocket(io.RawIOBase):
             self.limit(self.deadline - time.monotonic())
         try:
             return self.sock.recv_into(buf)
-        except _RAN_OUT:
+        except BlockingIOError:              # the kernel's bound ran out (EAGAIN)
             raise TimeoutError("timed out") from None
 
     def write(self, data) -> int:
-        """All of `data` (sendall), or TimeoutError."""
+        """All of `data`, or TimeoutError. The bound is for the whole write: a reader that takes a little
+        at a time does not restart it, as it would for each send."""
+        view, start = memoryview(data), time.monotonic()
         try:
-            self.sock.sendall(data)
-        except _RAN_OUT:
+            sent = self.sock.send(view)
+            if sent < len(view):
+                self._send_rest(view[sent:], start)
+        except BlockingIOError:
             raise TimeoutError("timed out") from None
-        return len(data)
+        return len(view)
+
+    def _send_rest(self, view: memoryview, start: float) -> None:
+        bound = self._wait
+        if bound is None:
+            self.sock.sendall(view)
+            return
+        end = start + bound
+        try:
+            while view:
+                self.limit(end - time.monotonic())
+                view = view[self.sock.send(view):]
+        finally:
+            self.limit(bound)                # the next write gets the whole bound again

@@ -160,6 +160,7 @@ class Exchange:
             return b""
         try:
             rfile = self._conn.rfile
+            self._limit(deadline)                 # peek reads once if nothing is buffered yet
             if self._length is not None and len(rfile.peek(self._length)) >= self._length:
                 self._done = True                 # it came with the head: no timeout to set, nothing to wait for
                 return rfile.read(self._length)

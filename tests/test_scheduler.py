@@ -295,6 +295,27 @@ def test_fair_share_interleaves_clients_within_a_level():
     assert [o for o in order if o.startswith("batch")] == [f"batch{i}" for i in range(6)]
 
 
+def test_a_job_granted_straight_through_moves_fair_queuing_as_a_queued_one_would():
+    s, _ = make(depth=100)
+    first = Job("a", client="a", id="a1")
+    s.submit(first)
+    left = [Job("a", client="a", id=f"a{i}") for i in (2, 3)]
+    for j in left:
+        s.submit(j)
+    for j in left:
+        s.cancel(j)                      # queued and gone: client a's tags ran ahead of the virtual time
+    s.finish(first, Outcome.OK)
+    through = Job("a", client="a", id="a4")
+    s.submit(through)                    # nothing waits: granted without entering the queue
+    assert through.state is JobState.GRANTED
+    mine, theirs = Job("a", client="a", id="a5"), Job("a", client="b", id="b1")
+    s.submit(mine)
+    s.submit(theirs)
+    s.finish(through, Outcome.OK)
+    # the grant caught the virtual time up as a queued one would: a's cancelled jobs cost it nothing now
+    assert grant_order(s, [mine, theirs]) == ["a5", "b1"]
+
+
 def test_max_queued_per_key_is_429_for_that_key_only():
     s, _ = make(depth=100)
     s.submit(Job("a"))

@@ -43,6 +43,13 @@ class RawBackend:
         self.thread.join(5)
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
 BODY = b'{"choices":[],"usage":{"prompt_tokens":1}}'
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
 
@@ -80,7 +87,7 @@ def test_a_body_that_never_comes_ends_at_the_deadline():
 
 
 def test_a_wait_bound_close_enough_to_the_asked_one_is_kept():
-    a, b = socket.socketpair()
+    a, b = tcp_pair()
     with a, b:
         io = BoundedSocket(a)
         assert a.gettimeout() is None                   # blocking: no poll before each recv and send
@@ -108,7 +115,7 @@ def test_a_wait_bound_close_enough_to_the_asked_one_is_kept():
 
 
 def test_a_read_or_write_that_waits_too_long_is_a_timeout():
-    a, b = socket.socketpair()
+    a, b = tcp_pair()
     with a, b:
         io = BoundedSocket(a)
         io.limit(0.05)
@@ -119,3 +126,76 @@ def test_a_read_or_write_that_waits_too_long_is_a_timeout():
         io.deadline = time.monotonic() - 1
         with pytest.raises(TimeoutError):
             io.readinto(bytearray(10))                  # a deadline already past
+
+
+def test_a_slow_reader_does_not_restart_the_write_bound():
+    a, b = tcp_pair()
+    with a, b:
+        stop = threading.Event()
+
+        def trickle():                                   # 64 KiB every 70 ms: every send makes some progress
+            while not stop.wait(0.07):
+                try:
+                    b.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+        reader = threading.Thread(target=trickle, daemon=True)
+        reader.start()
+        io = BoundedSocket(a)
+        io.limit(0.3)
+        try:
+            with pytest.raises(TimeoutError):
+                io.write(b"x" * (8 << 20))              # would take seconds at this pace
+        finally:
+            stop.set()
+            reader.join(5)
+        assert io._wait == 0.3                           # the next write gets the whole bound again
+
+
+def test_a_body_that_never_follows_its_head_ends_at_the_read_deadline():
+    be = RawBackend([HEAD, BODY])                        # the head alone; the body only after go (never)
+    try:
+        ex = Upstream("b", be.url).open("POST", "/chat/completions", b"{}", time.monotonic() + 30)
+        t0 = time.monotonic()
+        with pytest.raises(errors.QueueTimeout):
+            ex.read(time.monotonic() + 0.2)
+        assert time.monotonic() - t0 < 10                # not the 30 s bound set when the request went out
+    finally:
+        be.close()
+
+
+@pytest.fixture
+def tls_pair(tmp_path):
+    """A connected TLS socket pair (a self-signed certificate made with the openssl tool)."""
+    import shutil
+    import ssl
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl tool")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    a, b = socket.socketpair()
+    done: dict = {}
+    t = threading.Thread(target=lambda: done.update(server=server_ctx.wrap_socket(b, server_side=True)))
+    t.start()
+    client = client_ctx.wrap_socket(a, server_hostname="localhost")
+    t.join(10)
+    yield client, done["server"]
+    client.close()
+    done["server"].close()
+
+
+def test_tls_reads_and_writes_end_at_their_bound(tls_pair):
+    client, _server = tls_pair
+    io = BoundedSocket(client)
+    io.limit(0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        io.readinto(bytearray(10))                       # nothing comes
+    with pytest.raises(TimeoutError):
+        io.write(b"x" * (64 << 20))                      # nobody reads
+    assert time.monotonic() - t0 < 10
