@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
 import subprocess
 import threading

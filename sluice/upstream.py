@@ -162,7 +162,7 @@ class Exchange:
             rfile = self._conn.rfile
             self._limit(deadline)                 # peek reads once if nothing is buffered yet
             if self._length is not None and len(rfile.peek(self._length)) >= self._length:
-                self._done = True                 # it came with the head: no timeout to set, nothing to wait for
+                self._done = True                 # the usual answer, all there: one read
                 return rfile.read(self._length)
             return b"".join(self._pieces(deadline))
         except (OSError, ValueError) as e:
