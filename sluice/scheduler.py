@@ -325,15 +325,17 @@ class Scheduler:
                 finished = job
             elif job.model not in self._queues:       # cloud: no gate, no queue
                 self._grant_locked(job, None, now)
-            elif not self._depth and (free := self._candidates_locked(job.model)):
-                self._queues[job.model][job.priority].pass_through(job)   # nothing waits: no queue to pass
-                self._grant_locked(job, free[0], now)
             else:
-                job.state = JobState.QUEUED
-                self._queues[job.model][job.priority].push(job)
-                self._depth += 1
-                if not self._grant_fast_locked(job, now):
-                    self._work.notify()
+                free = self._candidates_locked(job.model)
+                if free and not self._depth:
+                    self._queues[job.model][job.priority].pass_through(job)   # nothing waits: no queue to pass
+                    self._grant_locked(job, free[0], now)
+                else:
+                    job.state = JobState.QUEUED
+                    self._queues[job.model][job.priority].push(job)
+                    self._depth += 1
+                    if not self._grant_fast_locked(job, free, now):
+                        self._work.notify()
         if finished is not None:
             self._notify_finished([finished])
             raise finished.error
@@ -618,9 +620,10 @@ class Scheduler:
         self._active[job] = None
         job.wake()
 
-    def _grant_fast_locked(self, job: Job, now: float) -> bool:
-        """Grant a just-queued job inline when its gate has nothing else waiting (no thread hop)."""
-        for b in self._candidates_locked(job.model):
+    def _grant_fast_locked(self, job: Job, free: list[_Backend], now: float) -> bool:
+        """Grant a just-queued job inline, on one of the backends `free` to take it, when its gate has nothing
+        else waiting (no thread hop)."""
+        for b in free:
             if self._waiting_on_locked(b.gate) == 1:     # only this job waits for the gate
                 self._grant_locked(job, b, now)
                 return True
