@@ -23,6 +23,7 @@ class Admin:
         return [
             Route("GET", "/admin/status", self.status, admin=True),
             Route("POST", "/admin/drain", self.drain, admin=True),
+            Route("POST", "/admin/resume", self.resume, admin=True),
             Route("POST", "/admin/models/", self.model_action, admin=True, prefix=True),
             Route("GET", "/metrics", self.metrics, admin=True),
             Route("GET", "/", self.dashboard, public=True),
@@ -86,6 +87,11 @@ class Admin:
         self.app.scheduler.drain(errors.Unavailable("sluice is draining for maintenance; retry later",
                                                     retry_after=30))
         h.respond_json(200, {"status": "draining", "pending": self.app.scheduler.snapshot()["pending"]})
+
+    def resume(self, h: Handler) -> None:
+        """Undo a drain: new work is admitted again."""
+        resumed = self.app.scheduler.resume()
+        h.respond_json(200, {"status": "ok", "resumed": resumed})
 
     def model_action(self, h: Handler, name: str = "", action: str = "", *rest: str) -> None:
         """POST /admin/models/{name}/load|unload|sleep|wake for the backends that serve a model."""

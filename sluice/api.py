@@ -110,6 +110,7 @@ class Api:
         self._refused = on_backend_refused or (lambda name: None)
         self._use_backend = use_backend or (lambda name, timeout: contextlib.nullcontext())
         self.started_wall = time.time()
+        self.starting: Callable[[], set[str]] = set     # managed backends still starting (health says warming)
         self.started = started if started is not None else time.monotonic()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -127,6 +128,7 @@ class Api:
             Route("POST", "/v1/completions", lambda h: self.openai(h, "/completions")),
             Route("POST", "/v1/embeddings", lambda h: self.openai(h, "/embeddings")),
             Route("GET", "/v1/models", self.list_models),
+            Route("GET", "/v1/models/", self.get_model, prefix=True),
         ]
 
     # ---- helpers -----------------------------------------------------------------------------------
@@ -151,10 +153,11 @@ class Api:
         header = h.headers.get("X-Sluice-Priority")
         if header is None:
             return self.settings.default_priority
-        if not (header.strip().isdigit() and 0 <= int(header) <= 4):
+        value = header.strip(" \t")
+        if len(value) != 1 or value not in "01234":       # ASCII only: '²'.isdigit() is True
             raise errors.BadRequest(f"X-Sluice-Priority must be an integer from 0 to 4, got {header[:20]!r}",
                                     param="priority")
-        return int(header)
+        return int(value)
 
     def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, **kw) -> Job:
         """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
@@ -289,13 +292,19 @@ class Api:
             hs = [states[b] for b in m.backends]
             model_status[m.name] = ("ready" if Health.READY in hs else
                                     "warming" if Health.PENDING in hs else "down")
+        starting = self.starting()
+        for m in self.settings.models:
+            if model_status[m.name] == "ready" and all(b in starting for b in m.backends):
+                model_status[m.name] = "warming"
         model_status[CLOUD] = self.cloud.mode()
-        if all(v == Health.READY for v in states.values()):
-            status = "ok"
-        elif any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
+        if any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
             status = "degraded"
-        else:
+        elif snap.get("draining"):
+            status = "draining"          # POST /admin/resume takes new work again
+        elif starting or not all(v == Health.READY for v in states.values()):
             status = "warming"
+        else:
+            status = "ok"
         ready = sum(1 for m in self.settings.models if model_status[m.name] == "ready")
         return {"status": status, "models_ready": ready, "models_total": len(self.settings.models),
                 "backends": {self.upstreams[n].url: v for n, v in states.items()},
@@ -317,13 +326,23 @@ class Api:
         })
 
     # ---- OpenAI-compatible ---------------------------------------------------------------------------
-    def list_models(self, h: Handler) -> None:
-        created = int(self.started_wall)
+    def _model_names(self) -> list[str]:
         names = [n for m in self.settings.models for n in (m.name, *m.aliases)]
-        if self.cloud.mode() != "unavailable":
-            names.append(CLOUD)
-        h.respond_json(200, {"object": "list", "data": [
-            {"id": n, "object": "model", "created": created, "owned_by": "sluice"} for n in names]})
+        return names + [CLOUD] if self.cloud.mode() != "unavailable" else names
+
+    def _model_object(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": int(self.started_wall), "owned_by": "sluice"}
+
+    def list_models(self, h: Handler) -> None:
+        h.respond_json(200, {"object": "list", "data": [self._model_object(n) for n in self._model_names()]})
+
+    def get_model(self, h: Handler, *parts: str) -> None:
+        """GET /v1/models/{id} (the SDKs' models.retrieve); an id may hold slashes."""
+        name = "/".join(parts)
+        if name not in self._model_names():
+            raise errors.NotFound(f"no model {name!r}; GET /v1/models lists them", param="model",
+                                  code="model_not_found")
+        h.respond_json(200, self._model_object(name))
 
     def openai(self, h: Handler, path: str) -> None:
         s = self.settings

@@ -20,6 +20,7 @@ from collections import deque
 from sluice import __version__, errors, logfile
 from sluice.admin import Admin
 from sluice.api import Api
+from sluice.browser import BrowserGuard
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
 from sluice.metrics import SluiceMetrics
@@ -39,6 +40,10 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _guard(s: Settings) -> BrowserGuard:
+    return BrowserGuard(s.host, s.allowed_hosts, s.cors_origins)
 
 
 def _requests_log(log_dir) -> logfile.BatchHandler | None:
@@ -92,10 +97,12 @@ class App:
         self.api = Api(self.table.effective(), self.scheduler, self.upstreams, self.cloud,
                        on_backend_refused=self._backend_refused, started=self.started, use_backend=self._use_backend)
         self.table.bind(self.scheduler, self.api.reconfigure)
+        self.api.starting = self._starting
         self.admin = Admin(self)
         self.metrics = SluiceMetrics(__version__, self.admin.status_doc, lambda: time.monotonic() - self.started)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
-                             self.authorize, settings.client_timeout_s, settings.max_connections)
+                             self.authorize, settings.client_timeout_s, settings.max_connections,
+                             _guard(settings), settings.max_connections_per_client)
         self._requests_log = _requests_log(settings.log_dir)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -170,7 +177,9 @@ class App:
         self.scheduler.max_queue_depth = new.max_queue_depth
         self.scheduler.aging_s = new.aging_s
         self.server.client_timeout_s = new.client_timeout_s
-        self.server.max_connections = new.max_connections
+        self.server.connections.max_total = new.max_connections
+        self.server.connections.per_client = new.max_connections_per_client
+        self.server.guard = _guard(new)
         self.health.manifest_interval = new.manifest_interval_s
         log.info("configuration reloaded (%d key(s), queue depth %d; %s)", len(new.keys), new.max_queue_depth,
                  changes)
@@ -205,6 +214,12 @@ class App:
             self.scheduler.set_health(name, Health.FAILED, self.supervisor.get(name).last_error)
         else:
             self.scheduler.set_health(name, Health.READY)
+
+    def _starting(self) -> set[str]:
+        """Managed backends whose process is starting: health says "warming" until they are ready."""
+        if self.supervisor is None:
+            return set()
+        return {i["name"] for i in self.supervisor.snapshot() if i["state"] == "starting"}
 
     def _use_backend(self, name: str, timeout: float):
         """Context for forwarding to a backend: a managed one is started or woken first and kept from idle

@@ -105,6 +105,9 @@ class Settings:
     manifest_interval_s: float = 30.0   # discovering backends' GET /v1/models is re-read this often
     client_timeout_s: float = 30.0
     max_connections: int = 512
+    max_connections_per_client: int = 128   # per client address (loopback exempt: every local program shares it)
+    allowed_hosts: tuple[str, ...] = ()     # Host names besides this machine's own (DNS-rebinding protection)
+    cors_origins: tuple[str, ...] = ()      # web pages (scheme://host[:port]) that may call sluice from a browser
     shutdown_timeout_s: float = 30.0
     cloud_model: str = "claude-sonnet-4-6"
     cloud_timeout_s: float = 300.0
@@ -202,6 +205,23 @@ def _keys(v: Any) -> tuple[str, ...]:
     return tuple(k.strip() for k in items if isinstance(k, str) and k.strip())
 
 
+def _list_of(v: Any, each: Callable[[str], str]) -> tuple[str, ...]:
+    return tuple(each(x) for x in _keys(v))
+
+
+def _host(v: str) -> str:
+    if v != "*" and not all(c.isalnum() or c in ".-_:[]" for c in v):
+        raise ValueError(f"{v!r} is not a host name (give names like my-box.lan, or * for any)")
+    return v.lower()
+
+
+def _origin(v: str) -> str:
+    scheme, sep, rest = v.rstrip("/").partition("://")
+    if v != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
+        raise ValueError(f"{v!r} is not an origin (give scheme://host[:port], e.g. http://localhost:3000, or *)")
+    return v.rstrip("/")
+
+
 def _names(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         v = [v]
@@ -229,6 +249,9 @@ SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "client_timeout_s": ("SLUICE_CLIENT_TIMEOUT_S", _float(0, positive=True)),
     "shutdown_timeout_s": ("SLUICE_SHUTDOWN_TIMEOUT_S", _float(0)),
     "max_connections": ("SLUICE_MAX_CONNECTIONS", _int(1)),
+    "max_connections_per_client": ("SLUICE_MAX_CONNECTIONS_PER_CLIENT", _int(1)),
+    "allowed_hosts": ("SLUICE_ALLOWED_HOSTS", lambda v: _list_of(v, _host)),
+    "cors_origins": ("SLUICE_CORS_ORIGINS", lambda v: _list_of(v, _origin)),
     "cloud_model": ("SLUICE_CLOUD_MODEL", _str),
     "cloud_timeout_s": ("SLUICE_CLOUD_TIMEOUT", _float(0, positive=True)),
     "cloud_concurrency": ("SLUICE_CLOUD_CONCURRENCY", _int(1)),

@@ -249,6 +249,7 @@ class Scheduler:
         # granted and not finished, in grant order; keyed by the job itself (a client's X-Request-Id may repeat)
         self._active: dict[Job, None] = {}
         self._closed: errors.SluiceError | None = None
+        self._closing = False             # close() (shutdown) is final; a drain() can be resumed
         self._retired: frozenset[str] = frozenset()   # models that take no new jobs (see set_models)
         self._stale_switch: set[str] = set()          # gates whose running switch the model table overtook
         self._stopping = False
@@ -273,10 +274,18 @@ class Scheduler:
         with self._lock:
             self._closed = error
 
+    def resume(self) -> bool:
+        """Admit new jobs again after a drain; False if there was none (or sluice is shutting down)."""
+        with self._lock:
+            if self._closed is None or self._closing:
+                return False
+            self._closed = None
+            return True
+
     def close(self, error: errors.SluiceError) -> int:
         """Stop admitting; answer every queued job with `error`. Returns how many were answered."""
         with self._lock:
-            self._closed = error
+            self._closed, self._closing = error, True
             queued = [j for qs in self._queues.values() for q in qs for j in q]
             for job in queued:
                 self._finish_locked(job, Outcome.REJECTED, error)
@@ -817,7 +826,7 @@ class Scheduler:
             return {
                 "pending": self._depth,
                 "active": len(self._active),
-                "totals": dict(self.totals),
+                "totals": dict(self.totals), "draining": self._closed is not None,
                 "avg_latency_ms": round(1000 * self._latency_sum / served) if served else 0,
                 "waiting": [{"id": j.id, "model": j.model, "priority": j.priority,
                              "effective_priority": self._effective(j, now), "age_s": round(now - j.enqueued_at, 3),

@@ -1,8 +1,9 @@
 """HTTP transport: a ThreadingHTTPServer subclass, a thin handler and the route table.
 
-The handler knows how to read a bounded JSON body, write one response in one send, relay SSE with
-chunked encoding, and turn a SluiceError into the right error body. What a route *does* lives in
-api.py and admin.py; this module only moves bytes.
+The handler runs the front door's rules in one place (docs/design.md, "The front door"): the request is
+framed by framing.py, checked against the browser threat model (browser.py), routed, and answered
+exactly once, and the connection is kept only when its request's body was read to the end. What a route
+*does* lives in api.py and admin.py; this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import io
 import json
 import logging
 import re
-import selectors
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,19 +21,43 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from sluice import __version__, errors
-from sluice.scheduler import new_id
+from sluice.browser import BrowserGuard
+from sluice.connections import Connections
+from sluice.disconnects import DisconnectWatcher
+from sluice.framing import (MAX_REQUEST_LINE, Body, FramingError, Headers, Incomplete, parse_request_line,
+                            read_fields)
+from sluice.ids import new_id
 from sluice.sockets import BoundedSocket
 
 log = logging.getLogger("sluice.server")
 
+__all__ = ["ClientGone", "Handler", "Headers", "Route", "Routes", "Server", "compact_json"]
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-MAX_HEADER_BYTES = 32 * 1024
 MAX_JSON_DEPTH = 64
+LINGER_S = 5.0                  # after answering a request whose body is left unread: read and drop this long
+LINGER_BYTES = 64 << 20         # ... and at most this much, so the client can finish sending and read the answer
 compact_json = json.JSONEncoder(separators=(",", ":")).encode    # json.dumps(..., separators=...) makes one per call
 _BUSY_BODY = b'{"error":{"message":"too many connections to sluice; retry shortly","type":"overloaded_error",' \
              b'"param":null,"code":"too_many_connections"}}'
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
          b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (send a finite number or null)")
+
+
+def _finite(text: str) -> float:
+    f = float(text)
+    if f in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:40]} is out of range for a JSON number (send a finite number)")
+    return f
+
+
+# JSON as RFC 8259 defines it: no NaN/Infinity, no number that overflows a double. A body sluice accepts is
+# one every backend's parser accepts, whether it goes up as the client's bytes or re-encoded.
+_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
 
 
 @dataclass(frozen=True)
@@ -53,13 +78,14 @@ class Routes:
         self.native_paths = {r.path for r in routes if r.native}
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
-        r = self._exact.get((method, path))
+        want = "GET" if method == "HEAD" else method    # a GET route answers HEAD too, without the body
+        r = self._exact.get((want, path))
         if r is not None:
             return r, ()
-        allowed = sorted({x.method for x in self.routes
-                          if (x.path == path if not x.prefix else path.startswith(x.path))})
+        allowed = sorted({m for x in self.routes if (x.path == path if not x.prefix else path.startswith(x.path))
+                          for m in ((x.method, "HEAD") if x.method == "GET" else (x.method,))})
         for x in self.routes:
-            if x.prefix and x.method == method and path.startswith(x.path):
+            if x.prefix and x.method == want and path.startswith(x.path):
                 return x, tuple(path[len(x.path):].split("/"))
         if allowed:
             raise errors.MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(allowed)}",
@@ -67,151 +93,8 @@ class Routes:
         raise errors.NotFound(f"no route {path}; see GET /openapi.json for the API", code="not_found")
 
 
-class Headers:
-    """Request headers: case-insensitive, repeated names kept (what the handlers use of email.Message)."""
-
-    __slots__ = ("_d",)
-
-    def __init__(self):
-        self._d: dict[str, list[tuple[str, str]]] = {}
-
-    def add(self, name: str, value: str) -> None:
-        self._d.setdefault(name.lower(), []).append((name, value))
-
-    def get(self, name: str, default=None):
-        v = self._d.get(name.lower())
-        return v[0][1] if v else default
-
-    def get_all(self, name: str, default=None):
-        v = self._d.get(name.lower())
-        return [x[1] for x in v] if v else default
-
-    def __contains__(self, name: str) -> bool:
-        return name.lower() in self._d
-
-    def __getitem__(self, name: str):
-        return self.get(name)
-
-    def items(self):
-        return [pair for v in self._d.values() for pair in v]
-
-
 class ClientGone(Exception):
     """The client closed its connection; nothing more can be written to it."""
-
-
-class DisconnectWatcher:
-    """One thread that notices clients closing their sockets while their request waits or streams.
-
-    A readable socket whose MSG_PEEK returns b"" has been closed by the client: the registered callback
-    runs (it cancels the queued job or aborts the upstream exchange). Nothing is ever consumed.
-
-    Most requests are answered in a few milliseconds, and a client that leaves during those loses
-    nothing worth cancelling. So a socket is only noted when its request starts (no syscall) and put in
-    the selector once it has been waiting `grace_s`; a closed client is noticed within about
-    2 x grace_s. The loop ticks every grace_s while anything is watched and sleeps when idle.
-    """
-
-    IDLE_AFTER_S = 2.0      # with nothing watched this long, stop ticking (the next watch wakes the loop)
-
-    def __init__(self, grace_s: float = 0.1, clock: Callable[[], float] = time.monotonic):
-        self.grace_s = grace_s
-        self._clock = clock
-        self._sel = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._pending: dict[socket.socket, tuple[Callable[[], None], float]] = {}
-        self._registered: set[socket.socket] = set()
-        self._asleep = False
-        self._last_busy = clock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="sluice-disconnects", daemon=True)
-        self._thread.start()
-
-    def watch(self, sock: socket.socket, on_close: Callable[[], None]) -> "_Watch":
-        return _Watch(self, sock, on_close)
-
-    def _add(self, sock, cb) -> None:
-        with self._lock:
-            self._pending[sock] = (cb, self._clock())
-            wake, self._asleep = self._asleep, False
-        if wake:
-            self._wake_w.send(b"x")
-
-    def _remove(self, sock) -> None:
-        with self._lock:
-            if self._pending.pop(sock, None) is None and sock in self._registered:
-                self._registered.discard(sock)
-                try:
-                    self._sel.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake_w.send(b"x")
-        self._thread.join(timeout=2)
-        self._wake_w.close()
-
-    def _promote(self) -> float | None:
-        """Put sockets watched for grace_s into the selector; the select timeout to use next."""
-        now = self._clock()
-        with self._lock:
-            for sock, (cb, since) in list(self._pending.items()):
-                if now - since >= self.grace_s:
-                    del self._pending[sock]
-                    try:
-                        self._sel.register(sock, selectors.EVENT_READ, cb)
-                        self._registered.add(sock)
-                    except (KeyError, ValueError, OSError):
-                        pass                 # closed already: its request is about to find out itself
-            if self._pending or self._registered:
-                self._last_busy = now
-                return self.grace_s
-            if now - self._last_busy < self.IDLE_AFTER_S:
-                return self.grace_s
-            self._asleep = True
-            return None
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            for key, _ in self._sel.select(timeout=self._promote()):
-                if key.data is None:
-                    try:
-                        self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
-                    continue
-                sock = key.fileobj
-                try:
-                    closed = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    closed = True
-                # Data (a pipelined request) cannot tell us anything more: stop watching either way.
-                self._remove(sock)
-                if closed:
-                    try:
-                        key.data()
-                    except Exception:
-                        log.exception("disconnect callback failed")
-        self._sel.close()
-        self._wake_r.close()
-
-
-class _Watch:
-    def __init__(self, watcher: DisconnectWatcher, sock, on_close):
-        self._w, self._sock, self._cb = watcher, sock, on_close
-
-    def __enter__(self):
-        self._w._add(self._sock, self._cb)
-        return self
-
-    def __exit__(self, *exc):
-        self._w._remove(self._sock)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -220,45 +103,11 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True
     request_id: str | None = None
+    command = ""
     body = b""                  # the raw request body, as read_json read it
+    req_body: Body | None = None
+    linger = False              # close with a lingering read: the client may still be sending
     server: "Server"
-
-    def parse_request(self) -> bool:
-        """The request line and headers, without the email-package parser the stdlib uses (a plain loop
-        is several times faster). Limits: 100 header lines of 64 KiB at most (431 beyond)."""
-        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.requestline = line
-        self.command, self.request_version = None, "HTTP/0.9"
-        words = line.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/1."):
-            self.send_error(400, f"bad request line {line[:80]!r}")
-            return False
-        self.command, self.path, self.request_version = words
-        headers = Headers()
-        size = 0
-        for _ in range(101):
-            raw = self.rfile.readline(65537)
-            if len(raw) > 65536:
-                self.send_error(431, "header line too long")
-                return False
-            if raw in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = raw.decode("iso-8859-1").partition(":")
-            if not sep or not name or name != name.strip():
-                self.send_error(400, f"bad header line {raw[:60]!r}")
-                return False
-            value = value.strip()
-            size += len(name) + len(value)
-            headers.add(name, value)
-        else:
-            self.send_error(431, "too many headers")
-            return False
-        self.headers, self.header_bytes = headers, size
-        conn = headers.get("Connection", "").lower()
-        self.close_connection = conn == "close" or (self.request_version == "HTTP/1.0" and conn != "keep-alive")
-        if headers.get("Expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")   # curl waits a second for this otherwise
-        return True
 
     def setup(self) -> None:
         super().setup()
@@ -271,22 +120,81 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._io, 65536)
         self.wfile = self._io
 
+    def handle(self) -> None:
+        self.close_connection = False
+        while not self.close_connection:
+            self.handle_one_request()
+        if self.linger or self._input_pending():
+            self._linger()
+
     def handle_one_request(self) -> None:
-        """One request on the connection. Every method goes through the route table (an unknown one is a
-        JSON 405, never the stdlib's HTML 501), so there is no do_GET/do_POST lookup."""
+        """One request: framed, checked, routed, answered once. Every method goes through the route table
+        (an unknown one is a JSON 405, never the stdlib's HTML 501)."""
         self._io.deadline = time.monotonic() + self.server.client_timeout_s
-        self.request_id = None       # a protocol error below gets an id of its own, not the last request's
+        self.request_id, self.req_body, self.close_connection = None, None, True
+        conns = self.server.connections
         try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline = self.request_version = self.command = ""
-                self.send_error(414, "request line too long")
-            elif not self.raw_requestline:
-                self.close_connection = True
-            elif self.parse_request():
-                self._dispatch()
-        except TimeoutError:
+            raw = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if raw in (b"\r\n", b"\n"):           # an empty line before a request is to be ignored (RFC 9112 2.2)
+                raw = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not raw or not conns.busy(self.connection):
+                return                             # the client closed, or the connection was shed meanwhile
+            authority = self._read_head(raw)
+            if authority is not False:
+                self._dispatch(authority)
+                if self.req_body is not None and not self.req_body.done:
+                    self.close_connection = True   # a route answered without settling its body: never reuse
+        except (Incomplete, ClientGone, OSError):  # gone, reset or too slow (TimeoutError): nothing to answer
             self.close_connection = True
+        if not self.close_connection:
+            conns.idle(self.connection)
+
+    def _read_head(self, raw: bytes):
+        """Parse the request head; the absolute-form authority (or None) to dispatch, False if answered."""
+        try:
+            if not raw.endswith(b"\n"):
+                if len(raw) > MAX_REQUEST_LINE:
+                    raise FramingError(f"request line longer than {MAX_REQUEST_LINE} bytes", status=414,
+                                       code="uri_too_long")
+                raise Incomplete()
+            self.requestline = raw.rstrip(b"\r\n").decode("latin-1")
+            self.command, self.path, self.request_version, authority = parse_request_line(raw)
+            self.headers = read_fields(self.rfile)
+            self.req_body = Body(self.rfile, self.headers, self._send_continue)
+        except FramingError as e:
+            self.close_connection = self.linger = True
+            self.request_id, self.route_native, self.extra_headers = new_id(), False, {}
+            self.respond_error(e)
+            return False
+        tokens = self.headers.get("Connection", "").lower()
+        self.close_connection = "close" in tokens or (self.request_version == "HTTP/1.0" and "keep-alive" not in tokens)
+        return authority
+
+    def _send_continue(self) -> None:
+        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _input_pending(self) -> bool:
+        """Bytes the client sent that nobody read: closing over them would reset the connection, and the
+        client would lose the answer it has not read yet."""
+        try:
+            return bool(self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
+    def _linger(self) -> None:
+        """Close as nginx does when input is left unread: send FIN, then read and drop what the client still
+        sends (bounded in time and bytes), so its kernel does not discard our answer on a reset."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self._io.deadline = time.monotonic() + LINGER_S
+            left = LINGER_BYTES
+            while left > 0:
+                n = len(self.rfile.read1(65536))
+                if not n:
+                    break
+                left -= n
+        except OSError:
+            pass
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -294,38 +202,29 @@ class Handler(BaseHTTPRequestHandler):
     def log_request(self, code="-", size="-") -> None:
         pass  # one line per job is logged by the app, with its request id
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol errors found by the stdlib parser (bad request line, too many headers) as JSON."""
-        self.close_connection = True
-        self.extra_headers = {}
-        self.route_native = False
-        self.request_id = self.request_id or new_id()
-        err = errors.BadRequest(message or "bad request")
-        err.status = code if 400 <= code < 500 else 400
-        try:
-            self.respond_error(err, native=False)
-        except OSError:
-            pass
-
     # ---- request side --------------------------------------------------------------------------------
-    def _dispatch(self) -> None:
+    def _dispatch(self, authority: str | None) -> None:
         rid = self.headers.get("X-Request-Id", "")
         self.request_id = rid if _SAFE_ID.fullmatch(rid) else new_id()
         path = self.path.split("?", 1)[0]
-        self.route_native = path in self.server.routes.native_paths
+        srv = self.server
+        self.route_native = path in srv.routes.native_paths
         self.extra_headers: dict[str, str] = {}
         try:
-            if self.header_bytes > MAX_HEADER_BYTES:
-                raise errors.HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
-            route, params = self.server.routes.match(self.command, path)
+            cors = srv.guard.check(self.command, self.headers, authority)
+            if cors:
+                self.extra_headers.update(cors)
+                if self.command == "OPTIONS":
+                    preflight = srv.guard.preflight(cors, self.headers)
+                    if preflight is not None:
+                        return self.write_raw(self._head(204, "", preflight))
+            route, params = srv.routes.match(self.command, path)
             self.route_native = route.native
-            self.server.authorize(self, route)
+            srv.authorize(self, route)
             route.fn(self, *params)
         except errors.SluiceError as e:
             self.respond_error(e)
-        except ClientGone:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ClientGone, OSError):
             self.close_connection = True
         except Exception:
             log.exception("request %s %s %s failed", self.request_id, self.command, path)
@@ -336,34 +235,24 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_json(self, max_bytes: int) -> dict:
         """The request body as a JSON object, bounded in size and nesting; a 4xx says what is wrong."""
-        if "Transfer-Encoding" in self.headers:
-            self.close_connection = True
-            raise errors.LengthRequired("chunked request bodies are not accepted; send Content-Length")
-        raw = self.headers.get_all("Content-Length") or []
-        if len(raw) != 1:
-            self.close_connection = True
-            if not raw:
-                raise errors.LengthRequired("Content-Length header is required")
-            raise errors.BadRequest("more than one Content-Length header")
-        value = raw[0].strip()
-        if not value.isdigit():
-            self.close_connection = True
-            raise errors.BadRequest(f"Content-Length must be a non-negative integer, got {value[:40]!r}")
-        n = int(value)
-        if n > max_bytes:
-            self.close_connection = True
-            raise errors.PayloadTooLarge(f"body is {n} bytes; the limit is {max_bytes} (SLUICE_MAX_BODY_BYTES)")
-        data = self.rfile.read(n)
-        if len(data) < n:
-            raise ClientGone()
+        if "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers:
+            raise errors.LengthRequired("a JSON body is required: send it with Content-Length or "
+                                        "Transfer-Encoding: chunked")
+        try:
+            data = self.req_body.read(max_bytes)
+        except Incomplete:
+            raise ClientGone() from None
+        except errors.SluiceError:
+            self.close_connection = self.linger = True      # what is left of the body is never read
+            raise
         self._io.deadline = None          # the request is in; answering may take as long as it takes
         self._io.limit(self.server.client_timeout_s)       # and each write to the client this long
         self.body = data
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError) as e:
+            obj = _decode(data.decode(json.detect_encoding(data), "surrogatepass"))   # as json.loads(bytes)
+        except (ValueError, RecursionError) as e:      # UnicodeDecodeError included
             raise errors.BadRequest(f"body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):
             raise errors.BadRequest(f"body must be a JSON object, got {type(obj).__name__}")
@@ -377,7 +266,13 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(head + (b"" if self.command == "HEAD" else body))
 
     def _head(self, status: int, lines: str, headers: dict[str, str] | None) -> bytes:
-        """A response head: the status line, `lines` (each ending in CRLF), the request id, extra headers."""
+        """A response head: the status line, `lines` (each ending in CRLF), the request id, extra headers.
+
+        The one place every answer passes before its first byte: a body the route left unread is
+        dropped here (when small) or the answer says Connection: close, never leaving it on the wire."""
+        b = self.req_body
+        if b is not None and not b.done and (self.close_connection or not b.discard()):
+            self.close_connection = self.linger = True
         extra = {**self.extra_headers, **headers} if headers else self.extra_headers
         head = f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n{lines}X-Request-Id: {self.request_id}\r\n"
         head += "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
@@ -444,23 +339,18 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 1024
 
     def __init__(self, address, routes: Routes, authorize: Callable, client_timeout_s: float = 30.0,
-                 max_connections: int = 512):
+                 max_connections: int = 512, guard: BrowserGuard | None = None, max_connections_per_client: int = 128):
         self.routes = routes
         self.authorize = authorize
         self.client_timeout_s = client_timeout_s
-        self.max_connections = max_connections
-        self.connections = 0
-        self._count_lock = threading.Lock()
+        self.connections = Connections(max_connections, max_connections_per_client)
+        self.guard = guard or BrowserGuard(address[0])
         self.watcher = DisconnectWatcher()
         super().__init__(address, Handler)
 
     def process_request(self, request, client_address) -> None:
-        """Beyond max_connections, answer 503 at once from the accept thread: no thread, no waiting."""
-        with self._count_lock:
-            full = self.connections >= self.max_connections
-            if not full:
-                self.connections += 1
-        if full:
+        """At a cap with nothing idle to shed, answer 503 at once from the accept thread: no thread, no wait."""
+        if not self.connections.admit(request, client_address[0]):
             try:
                 request.settimeout(1.0)
                 request.sendall(_BUSY)
@@ -474,8 +364,15 @@ class Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._count_lock:
-                self.connections -= 1
+            self.connections.release(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that fails (a client resetting it) is one log line, not a traceback on stderr."""
+        exc = sys.exception()
+        if isinstance(exc, OSError):
+            log.info("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.error("connection from %s failed", client_address[0], exc_info=exc)
 
     def server_close(self) -> None:
         super().server_close()

@@ -74,6 +74,14 @@ def app(make_app, backend):
     return make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url})
 
 
+def until(pred, timeout: float = 5.0, what: str = "condition") -> None:
+    """Wait for `pred()` with a deadline (a failure names what never happened)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def call(app_or_port, method: str, path: str, body=None, headers: dict | None = None, raw: bytes | None = None,
          timeout: float = 10):
     """One HTTP exchange; returns (status, headers, parsed JSON or raw bytes)."""

@@ -10,14 +10,7 @@ import time
 
 import pytest
 
-from conftest import call
-
-
-def until(pred, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+from conftest import call, until
 
 
 def pending(app) -> int:
@@ -119,8 +112,8 @@ RAW_BODIES = [
     (b'"prompt"', 400, "JSON object"),
     (b"null", 400, "JSON object"),
     (b"{bad json", 400, "not valid JSON"),
-    (b'{"model": "fast", "prompt": "x", "temperature": NaN}', 400, "temperature"),
-    (b'{"model": "fast", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
+    (b'{"model": "fast", "prompt": "x", "temperature": NaN}', 400, "NaN is not valid JSON"),
+    (b'{"model": "fast", "prompt": "x", "max_tokens": 1e400}', 400, "out of range"),
     (b"\xff\xfe{}", 400, "not valid JSON"),
     (b"[" * 1000 + b"]" * 1000, 400, "nested deeper"),
     (b'{"a":' * 500 + b"1" + b"}" * 500, 400, "nested deeper"),
@@ -154,12 +147,12 @@ def raw_request(port: int, data: bytes, timeout: float = 5) -> bytes:
 
 
 @pytest.mark.parametrize("head,status", ids=[str(i) for i in range(9)], argvalues=[
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", b"400"),
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", b"400"),
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", b"400"),
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", b"411"),
-    (b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", b"413"),
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"411"),
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", b"400"),
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n", b"400"),
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", b"400"),
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", b"400"),  # read: no prompt
+    (b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999\r\n\r\n", b"413"),
     (b"GARBAGE\r\n\r\n", b"400"),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
     (b"GET /v1/health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n", b"431"),
@@ -175,7 +168,7 @@ def test_bad_http_framing_gets_json_4xx(strict_app, head, status):
 def test_a_protocol_error_after_a_request_gets_its_own_id(app):
     """Two requests on one kept-alive connection, the second malformed: its 400 has a fresh id, not the
     first one's (ids are the log's ids)."""
-    resp = raw_request(app.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Request-Id: first-1\r\n\r\n"
+    resp = raw_request(app.port, b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: first-1\r\n\r\n"
                                  b"GET /v1/health HTTP/1.1\r\nno colon here\r\n\r\n")
     ids = re.findall(rb"X-Request-Id: (\S+)", resp)
     assert resp.count(b"HTTP/1.1 200") == 1 and b"HTTP/1.1 400" in resp
@@ -274,7 +267,7 @@ def test_disconnect_while_queued_is_never_forwarded(app, backend):
     assert backend.wait_arrivals(1)
     body = json.dumps({"model": "fast", "prompt": "abandoned"}).encode()
     s = socket.create_connection(("127.0.0.1", app.port))
-    s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     until(lambda: pending(app) == 1, what="the job to queue")
     s.close()

@@ -83,7 +83,7 @@ def test_thousand_concurrent_clients(make_app, backend):
 
     # sluice's handler threads all end; what may remain are the stand-in backend's threads serving
     # sluice's pooled keep-alive connections (at most 32 idle per upstream, two upstreams here).
-    until(lambda: app.server.connections == 0, timeout=30, what="sluice's handler threads to end")
+    until(lambda: app.server.connections.count == 0, timeout=30, what="sluice's handler threads to end")
     until(lambda: threading.active_count() <= baseline_threads + 64, timeout=30, what="threads back to baseline")
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert rss_after - rss_before < 300_000            # KiB: bounded, not proportional to history
