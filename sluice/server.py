@@ -286,6 +286,8 @@ class Handler(BaseHTTPRequestHandler):
     def respond_error(self, err: errors.SluiceError, native: bool | None = None,
                       headers: dict[str, str] | None = None) -> None:
         native = self.route_native if native is None else native
+        if isinstance(err, errors.Cancelled):
+            self.close_connection = True      # the client left (or half-closed): nothing more comes from it
         body = errors.native_body(err) if native else errors.openai_body(err)
         status = err.status if err.status != 499 else 400
         self.respond_json(status, body, headers={**errors.response_headers(err), **(headers or {})})
