@@ -160,6 +160,9 @@ class Handler(BaseHTTPRequestHandler):
             self.requestline = raw.rstrip(b"\r\n").decode("latin-1")
             self.command, self.path, self.request_version, authority = parse_request_line(raw)
             self.headers = read_fields(self.rfile)
+            hosts = self.headers.get_all("Host") or []
+            if len(hosts) > 1 or (not hosts and self.request_version == "HTTP/1.1" and authority is None):
+                raise FramingError("an HTTP/1.1 request needs exactly one Host header (RFC 9112 section 3.2)")
             self.req_body = Body(self.rfile, self.headers, self._send_continue)
         except FramingError as e:
             self.close_connection = self.linger = True
