@@ -19,7 +19,10 @@ MAX_CHUNK_LINE = 1024
 DISCARD_MAX = 64 * 1024         # an unread body up to this size is read and dropped to keep the connection
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_DIGITS = re.compile(r"[0-9]{1,18}")       # ASCII only: str.isdigit() also accepts '²' and '١'
+_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_GOOD_NAMES: set[str] = set()                 # header names already found to be tokens
+_CTL = re.compile(rb"[\x00-\x20\x7f]")
+_METHODS = frozenset((b"GET", b"POST", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"PATCH"))
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
 
@@ -39,7 +42,7 @@ class Incomplete(Exception):
 def header_int(value: str, name: str, max_digits: int = 18) -> int:
     """A number in a header: ASCII 1*DIGIT, at most `max_digits` long; FramingError otherwise."""
     value = value.strip(" \t")
-    if len(value) > max_digits or not _DIGITS.fullmatch(value):
+    if not (0 < len(value) <= max_digits and value.isascii() and value.isdigit()):   # '²'.isdigit() is True
         raise FramingError(f"{name} must be a non-negative integer of at most {max_digits} ASCII digits, "
                            f"got {value[:40]!r}")
     return int(value)
@@ -78,7 +81,7 @@ def parse_request_line(raw: bytes) -> tuple[str, str, str, str | None]:
     """(method, path, version, authority) from a request line; `authority` is set for the absolute form
     (`POST http://host:port/path HTTP/1.1`, which a server MUST accept: RFC 9112 section 3.2.2)."""
     words = raw.rstrip(b"\r\n").split(b" ")
-    if len(words) != 3 or not _TOKEN.fullmatch(words[0]) or not words[1]:
+    if len(words) != 3 or not words[1] or (words[0] not in _METHODS and not _TOKEN.fullmatch(words[0])):
         raise FramingError(f"bad request line {raw[:80]!r}; expected 'METHOD /path HTTP/1.1'")
     method, target, version = words
     if version not in _VERSIONS:
@@ -96,7 +99,7 @@ def parse_request_line(raw: bytes) -> tuple[str, str, str, str | None]:
         if target[:1] == b"?":
             target = b"/" + target
         authority = authority.decode("latin-1")
-    if any(c <= 0x20 or c == 0x7F for c in target):
+    if _CTL.search(target):
         raise FramingError("request target has control characters or spaces")
     return method.decode("latin-1"), target.decode("latin-1"), _VERSIONS[version], authority
 
@@ -113,15 +116,18 @@ def read_fields(rfile, budget: int = MAX_HEADER_BYTES, what: str = "request head
         if not raw.endswith(b"\n"):
             raise Incomplete()
         budget -= len(raw)
-        if raw[0] in b" \t":
-            raise FramingError("obsolete line folding in headers is not accepted; send each header on one line")
-        name, sep, value = raw.partition(b":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise FramingError(f"bad header line {raw[:60]!r}; expected 'Name: value'")
-        value = value.strip(b" \t\r\n")
-        if b"\r" in value or b"\0" in value:
-            raise FramingError(f"header {name[:40].decode('latin-1')} has a bare CR or NUL")
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if name not in _GOOD_NAMES:
+            if not sep or not _NAME.fullmatch(name):
+                if raw[0] in b" \t":
+                    raise FramingError("obsolete line folding in headers is not accepted; send each header on one line")
+                raise FramingError(f"bad header line {raw[:60]!r}; expected 'Name: value'")
+            if len(_GOOD_NAMES) < 512:          # the names clients send are few: each is checked once
+                _GOOD_NAMES.add(name)
+        value = value.strip(" \t\r\n")
+        if "\r" in value or "\0" in value:
+            raise FramingError(f"header {name[:40]} has a bare CR or NUL")
+        headers.add(name, value)
     raise FramingError(f"more than {MAX_HEADERS} header lines", status=431, code="headers_too_large")
 
 
@@ -140,6 +146,9 @@ class Body:
         self.left = 0
         te = headers.get_all("Transfer-Encoding")
         cl = headers.get_all("Content-Length")
+        if te is None and cl is None:         # no body: the usual GET
+            self.done, self._continue = True, None
+            return
         if te is not None:
             if cl is not None:
                 raise FramingError("Content-Length together with Transfer-Encoding is not accepted; send one")
