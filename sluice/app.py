@@ -97,7 +97,7 @@ class App:
         self.api = Api(self.table.effective(), self.scheduler, self.upstreams, self.cloud,
                        on_backend_refused=self._backend_refused, started=self.started, use_backend=self._use_backend)
         self.table.bind(self.scheduler, self.api.reconfigure)
-        self.api.starting = self._starting
+        self.api.native.starting = self._starting
         self.admin = Admin(self)
         self.metrics = SluiceMetrics(__version__, self.admin.status_doc, lambda: time.monotonic() - self.started)
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),

@@ -366,7 +366,7 @@ def test_wrong_content_type_from_upstream_is_502(app):
     (b'{"mod\\u0065l":"tiny","a\\"model":"tiny"}', None),        # an escaped quote does not open a literal
 ])
 def test_with_model_swaps_only_the_top_level_model_bytes(raw, expect):
-    from sluice.api import with_model
+    from sluice.jobs import with_model
     assert json.loads(raw)["model"] == "tiny"
     assert with_model(raw, "tiny", "up/id") == expect
 

@@ -1,0 +1,123 @@
+"""The sluice-native API (compatible with the original sluice): /v1/query, /v1/health, /v1/queue/status."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from sluice import errors
+from sluice.config import CLOUD
+from sluice.jobs import JobPath, int_field, num_field, str_field
+from sluice.scheduler import Health, Job
+from sluice.server import Handler, Route
+from sluice.upstream import json_body, strip_think
+
+
+class NativeApi:
+    def __init__(self, jobs: JobPath):
+        self.jobs = jobs
+        self.starting: Callable[[], set[str]] = set     # managed backends still starting (health says warming)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("POST", "/v1/query", self.query, native=True),
+            Route("GET", "/v1/health", self.health, native=True, public=True),
+            Route("GET", "/v1/queue/status", self.queue_status, native=True),
+        ]
+
+    # ---- sluice-native -------------------------------------------------------------------------------
+    def query(self, h: Handler) -> None:
+        s = self.jobs.settings
+        body = h.read_json(s.max_body_bytes)
+        model = self.jobs.resolve(body.get("model", s.models[0].name if s.models else CLOUD), native=True)
+        prompt = str_field(body, "prompt", s.max_prompt_chars, required=True)
+        system = str_field(body, "system", s.max_prompt_chars)
+        max_tokens = int_field(body, "max_tokens", 1, s.max_tokens, min(2048, s.max_tokens))
+        temperature = num_field(body, "temperature", 0, 2, 0.3)
+        priority = int_field(body, "priority", 0, 4, s.default_priority)
+        timeout = num_field(body, "timeout", 0.001, 86400.0)
+        job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1/query", timeout_s=timeout or s.queue_timeout_s)
+        if s.log_prompts:
+            job.payload = prompt
+        result: dict = {}
+
+        def serve(job: Job) -> None:
+            if model == CLOUD or job.rerouted:
+                result["text"] = self.jobs.cloud.query(prompt, system, max_tokens, temperature,
+                                                  timeout or s.cloud_timeout_s)
+                return
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            up_body = {"model": self.jobs.models[model].upstream_model, "messages": messages,
+                       "max_tokens": max_tokens, "temperature": temperature, "stream": False,
+                       "chat_template_kwargs": {"enable_thinking": False}}
+            deadline = self.jobs.deadline(timeout)
+            opened = self.jobs.forward(job, "/chat/completions", json.dumps(up_body).encode(), deadline)
+            if opened is None:
+                return serve(job)
+            up, ex = opened
+            data = ex.read(deadline)
+            ex.close()
+            if ex.status != 200:
+                raise errors.BadGateway(f"backend {up.name!r} answered {ex.status}: {data[:300].decode('utf-8', 'replace')}")
+            obj = json_body(data, up.name)
+            try:
+                text = obj["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                raise errors.BadGateway(f"backend {up.name!r} returned no choices[0].message.content") from None
+            if not isinstance(text, str):
+                raise errors.BadGateway(f"backend {up.name!r} returned non-text content")
+            job.usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
+            result["text"] = strip_think(text)
+
+        self.jobs.run(h, job, serve)
+        job.status = 200
+        h.respond_json(200, {"status": "ok", "source": "cloud" if model == CLOUD or job.rerouted else "local",
+                             "result": result["text"], "id": job.id}, headers=self.jobs.response_headers(job))
+
+    def health(self, h: Handler) -> None:
+        doc = self.health_doc(self.jobs.scheduler.snapshot())
+        if self.jobs.settings.keys and getattr(h, "key", None) is None:
+            doc = {"status": doc["status"]}      # open to probes, but nothing about the setup without a key
+        h.respond_json(200, doc)
+
+    def health_doc(self, snap: dict) -> dict:
+        states = {name: b["health"] for name, b in snap["backends"].items()}
+        model_status = {}
+        for m in self.jobs.settings.models:
+            hs = [states[b] for b in m.backends]
+            model_status[m.name] = ("ready" if Health.READY in hs else
+                                    "warming" if Health.PENDING in hs else "down")
+        starting = self.starting()
+        for m in self.jobs.settings.models:
+            if model_status[m.name] == "ready" and all(b in starting for b in m.backends):
+                model_status[m.name] = "warming"
+        model_status[CLOUD] = self.jobs.cloud.mode()
+        if any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
+            status = "degraded"
+        elif snap.get("draining"):
+            status = "draining"          # POST /admin/resume takes new work again
+        elif starting or not all(v == Health.READY for v in states.values()):
+            status = "warming"
+        else:
+            status = "ok"
+        ready = sum(1 for m in self.jobs.settings.models if model_status[m.name] == "ready")
+        return {"status": status, "models_ready": ready, "models_total": len(self.jobs.settings.models),
+                "backends": {self.jobs.upstreams[n].url: v for n, v in states.items()},
+                "model_status": model_status,
+                "queue": {"pending": snap["pending"], "active": snap["active"] > 0,
+                          "total_served": snap["totals"]["served"], "avg_latency_ms": snap["avg_latency_ms"]}}
+
+    def queue_status(self, h: Handler) -> None:
+        snap = self.jobs.scheduler.snapshot()
+        t = snap["totals"]
+        elapsed = max((j["elapsed_s"] for j in snap["active_jobs"]), default=0.0)
+        h.respond_json(200, {
+            "pending": snap["pending"], "active": snap["active"] > 0, "active_elapsed_s": elapsed,
+            "active_count": snap["active"],
+            "total_received": t["received"], "total_served": t["served"], "total_rejected": t["rejected"],
+            "total_timeouts": t["timed_out"], "total_cancelled": t["cancelled"], "total_errors": t["failed"],
+            "avg_latency_ms": snap["avg_latency_ms"], "uptime_s": round(time.monotonic() - self.jobs.started, 1),
+            "gates": list(snap["gates"].values()),
+        })

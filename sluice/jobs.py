@@ -1,0 +1,213 @@
+"""The one job path every API shares: resolve the model, admit, wait for a grant (watching the client),
+forward, finish exactly once. Each ingress API (api_native, api_openai, and the adapters beside them)
+validates its own format, builds a Job here and runs it with `JobPath.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import time
+from typing import Any, Callable
+
+from sluice import errors
+from sluice.config import CLOUD, Settings
+from sluice.scheduler import Job, Outcome, Scheduler
+from sluice.server import ClientGone, Handler
+from sluice.upstream import Exchange, Upstream
+
+log = logging.getLogger("sluice.api")
+
+_OUTCOME = {errors.QueueTimeout: Outcome.TIMEOUT, errors.Cancelled: Outcome.CANCELLED,
+            errors.QueueFull: Outcome.REJECTED, errors.TooManyRequests: Outcome.REJECTED}
+
+
+def outcome_of(err: Exception) -> Outcome:
+    return next((o for cls, o in _OUTCOME.items() if isinstance(err, cls)), Outcome.ERROR)
+
+
+# ---- validation: every field sluice reads, with a message that names it ---------------------------------
+def int_field(body: dict, name: str, lo: int, hi: int, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise errors.BadRequest(f"{name} must be an integer from {lo} to {hi}, got {show(v)}", param=name)
+    if not lo <= v <= hi:
+        raise errors.BadRequest(f"{name} must be from {lo} to {hi}, got {v}", param=name)
+    return v
+
+
+def num_field(body: dict, name: str, lo: float, hi: float, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise errors.BadRequest(f"{name} must be a number from {lo:g} to {hi:g}, got {show(v)}", param=name)
+    if not lo <= v <= hi:
+        raise errors.BadRequest(f"{name} must be from {lo:g} to {hi:g}, got {v}", param=name)
+    return v
+
+
+def str_field(body: dict, name: str, max_chars: int, required: bool = False) -> str | None:
+    v = body.get(name)
+    if v is None:
+        if required:
+            raise errors.BadRequest(f"{name} is required (a non-empty string)", param=name)
+        return None
+    if not isinstance(v, str):
+        raise errors.BadRequest(f"{name} must be a string, got {show(v)}", param=name)
+    if required and not v.strip():
+        raise errors.BadRequest(f"{name} must not be empty", param=name)
+    if len(v) > max_chars:
+        raise errors.BadRequest(f"{name} is {len(v)} characters; the limit is {max_chars} (SLUICE_MAX_PROMPT_CHARS)",
+                                param=name)
+    return v
+
+
+def show(v: Any) -> str:
+    return f"{type(v).__name__} {json.dumps(v)[:40]}" if not isinstance(v, (dict, list)) else type(v).__name__
+
+
+def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
+    """`raw` (a JSON object whose "model" is `asked`) with that value replaced by `upstream`, every other
+    byte as it was; None when that is not certain on the bytes alone (the caller then re-encodes).
+
+    Certain because a key that reads "model" is spelled `"model"` unless it escapes a letter (\\u006X): with
+    no such escape in the body, the top-level key is where those seven bytes are, when they occur once.
+    """
+    i = raw.find(b'"model"')
+    if i < 0 or raw.find(b'"model"', i + 7) >= 0 or b"\\u006" in raw or raw.startswith(b"\xef\xbb\xbf"):
+        return None
+    old = _json_str(asked)
+    j = raw.find(old, i + 7)
+    if j < 0 or raw[i + 7:j].strip(b" \t\r\n") != b":":
+        return None
+    return raw[:j] + _json_str(upstream) + raw[j + len(old):]
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_str(s: str) -> bytes:
+    return json.dumps(s).encode()
+
+
+class JobPath:
+    def __init__(self, settings: Settings, scheduler: Scheduler, upstreams: dict[str, Upstream], cloud,
+                 *, on_backend_refused: Callable[[str], None] | None = None, started: float | None = None,
+                 use_backend: Callable | None = None):
+        self.scheduler = scheduler
+        self.upstreams = upstreams
+        self.cloud = cloud
+        self.reconfigure(settings)
+        self._refused = on_backend_refused or (lambda name: None)
+        self._use_backend = use_backend or (lambda name, timeout: contextlib.nullcontext())
+        self.started_wall = time.time()
+        self.started = started if started is not None else time.monotonic()
+
+    def reconfigure(self, settings: Settings) -> None:
+        # One assignment per attribute: a request thread sees the old or the new mapping, never half.
+        self.models = {n: m for m in settings.models for n in (m.name, *m.aliases)}
+        self.backends = {b.name: b for b in settings.backends}
+        self.settings = settings
+
+    # ---- helpers -----------------------------------------------------------------------------------
+    def resolve(self, name: Any, native: bool) -> str:
+        """The canonical model name for a requested name or alias; unknown names list the known ones."""
+        if not isinstance(name, str) or not name:
+            raise errors.BadRequest(f"model must be a non-empty string, got {show(name)}", param="model")
+        if name == CLOUD:
+            return CLOUD
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(self.settings.model_names())
+            msg = f"unknown model {name!r}; known models: {known}"
+            if native:
+                raise errors.BadRequest(msg, param="model", code="model_not_found")
+            raise errors.NotFound(msg, param="model", code="model_not_found")
+        return model.name
+
+    def priority(self, h: Handler, body: dict) -> int:
+        if body.get("priority") is not None:
+            return int_field(body, "priority", 0, 4)
+        header = h.headers.get("X-Sluice-Priority")
+        if header is None:
+            return self.settings.default_priority
+        value = header.strip(" \t")
+        if len(value) != 1 or value not in "01234":       # ASCII only: '²'.isdigit() is True
+            raise errors.BadRequest(f"X-Sluice-Priority must be an integer from 0 to 4, got {header[:20]!r}",
+                                    param="priority")
+        return int(value)
+
+    def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, **kw) -> Job:
+        """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
+        key = getattr(h, "key", None)
+        kw["id"] = h.request_id          # one id for the client's X-Request-Id, the log line and the JSONL entry
+        if key is None:
+            return Job(model, priority, route, **kw)
+        if key.models and asked_model not in key.models and model not in key.models:
+            raise errors.Forbidden(f"key {key.name!r} may not use model {asked_model!r} "
+                                   f"(allowed: {', '.join(key.models)})", param="model")
+        if priority < key.max_priority:
+            h.extra_headers["X-Sluice-Priority-Clamped"] = f"{priority}->{key.max_priority}"
+            priority = key.max_priority
+        return Job(model, priority, route, client=key.name, max_queued=key.max_queued, **kw)
+
+    def run(self, h: Handler, job: Job, serve: Callable[[Job], None],
+            tick: Callable[[int], None] | None = None) -> None:
+        """The life of a job: admitted, granted, served, finished exactly once."""
+        model = self.models.get(job.model)
+        if model is not None and model.fallback and job.route in ("/v1/query", "/v1/chat/completions") \
+                and self.cloud.mode() != "unavailable":
+            job.fallback_at = time.monotonic() + model.fallback_after_s
+        self.scheduler.submit(job)  # raises the refusal (queue full, backend down); the job is already finished
+        try:
+            with h.server.watcher.watch(h.connection, lambda: self.scheduler.cancel(job)):
+                self.scheduler.wait(job, tick, self.settings.sse_keepalive_s, min(5.0, self.settings.sse_keepalive_s))
+                if job.backend is None:
+                    serve(job)
+                else:
+                    with self._use_backend(job.backend, max(0.001, job.deadline - time.monotonic())):
+                        serve(job)
+        except errors.SluiceError as e:
+            if job.abort_error is not None:          # sluice itself cut it short (e.g. a drain timeout)
+                e = job.abort_error
+            self.scheduler.finish(job, outcome_of(e), e)
+            job.status = job.status or e.status
+            raise e from None
+        except ClientGone:
+            self.scheduler.finish(job, Outcome.CANCELLED, errors.Cancelled("client disconnected"))
+            raise
+        except BaseException as e:
+            self.scheduler.finish(job, Outcome.ERROR, errors.SluiceError(f"internal error: {e}"))
+            raise
+        self.scheduler.finish(job, Outcome.OK)
+
+    def response_headers(self, job: Job) -> dict[str, str]:
+        return {"X-Sluice-Queue-Wait-Ms": f"{job.wait_s * 1000:.1f}",
+                "X-Sluice-Backend": job.backend or (CLOUD if job.rerouted else job.model)}
+
+    def forward(self, job: Job, path: str, body: bytes, deadline: float) -> tuple[Upstream, Exchange] | None:
+        """Forward to the granted backend. None: it refused before anything was sent and the job moved to
+        the cloud route (the model has fallback = "cloud")."""
+        up = self.upstreams[job.backend]
+        try:
+            ex = up.open("POST", path, body, deadline,
+                         on_open=lambda ex: self.scheduler.attach(job, ex.abort))
+        except errors.BackendRefused:
+            self._refused(job.backend)
+            if job.fallback_at is None:
+                raise
+            log.warning("req=%s backend %s refused; falling back to the cloud route", job.id, job.backend)
+            self.scheduler.reroute(job)
+            return None
+        job.first_byte_at = time.monotonic()
+        return up, ex
+
+    def deadline(self, timeout: float | None = None) -> float:
+        """When the forward must be done: the caller's own timeout, else SLUICE_QUEUE_TIMEOUT from the grant.
+        One deadline covers the whole attempt chain (the one allowed reconnect included)."""
+        return time.monotonic() + (timeout or self.settings.queue_timeout_s)
+
