@@ -21,9 +21,9 @@ class NativeApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("POST", "/v1/query", self.query, native=True),
-            Route("GET", "/v1/health", self.health, native=True, public=True),
-            Route("GET", "/v1/queue/status", self.queue_status, native=True),
+            Route("POST", "/v1/query", self.query, api="native"),
+            Route("GET", "/v1/health", self.health, api="native", public=True),
+            Route("GET", "/v1/queue/status", self.queue_status, api="native"),
         ]
 
     # ---- sluice-native -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 GATE_MODES = ("shared", "exclusive")
 POLICIES = ("fifo", "cost-aware", "drain-first")
 SWITCH_METHODS = ("none", "vllm-sleep-1", "vllm-sleep-2", "command")
+BACKEND_APIS = ("openai", "anthropic", "responses", "ollama")
 CLOUD = "cloud"
 
 
@@ -47,6 +48,7 @@ class BackendConfig:
     forward_priority: bool = False  # vLLM --scheduling-policy priority takes a `priority` field
     health_path: str | None = None  # None: GET /health, falling back to GET {url}/models
     jit_swap: bool = False          # the server swaps models on demand (LM Studio JIT): never mix in flight
+    api: tuple[str, ...] = ("openai",)   # the APIs it speaks natively (see BACKEND_APIS): sent as-is, no translation
     switch: str = "none"            # how an exclusive gate takes it down and up: see SWITCH_METHODS
     sleep_cmd: tuple[str, ...] = () # switch = "command": argv run to free the GPU, and to load again
     wake_cmd: tuple[str, ...] = ()
@@ -330,6 +332,7 @@ ENGINES = ("mlx-lm", "llama.cpp", "vllm")
 _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "discover": _bool,
                     "api_key": _str,
                     "forward_priority": _bool, "health_path": _str, "jit_swap": _bool,
+                    "api": lambda v: tuple(_choice(BACKEND_APIS)(x) for x in _names(v)),
                     "switch": _choice(SWITCH_METHODS), "sleep_cmd": _argv, "wake_cmd": _argv,
                     "engine": _choice(ENGINES), "command": _command, "model_path": _str, "port": _int(1, 65535),
                     "start": _choice(("lazy", "eager")), "start_timeout_s": _float(0, positive=True),

@@ -115,6 +115,17 @@ def native_body(err: SluiceError) -> dict:
     return {"status": err.native_status, "error": err.message}
 
 
+def _wire_status(err: SluiceError) -> int:
+    return err.status if err.status != 499 else 400      # 499 (client gone) is not a status to send
+
+
+# One error envelope per API, by the name a Route gives in `api`: (status, body). Adapters add theirs.
+ENVELOPES = {
+    "openai": lambda err: (_wire_status(err), openai_body(err)),
+    "native": lambda err: (_wire_status(err), native_body(err)),
+}
+
+
 def response_headers(err: SluiceError) -> dict[str, str]:
     headers = dict(err.headers)
     if err.retry_after is not None:

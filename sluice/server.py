@@ -65,7 +65,7 @@ class Route:
     method: str
     path: str               # exact path, or a prefix ending in "/" when `prefix` is set
     fn: Callable            # fn(handler, *path_params)
-    native: bool = False    # error bodies in the sluice-native shape instead of the OpenAI envelope
+    api: str = "openai"     # whose error envelope its errors use: a key of errors.ENVELOPES
     prefix: bool = False
     public: bool = False    # answered without an API key (health, the dashboard shell)
     admin: bool = False     # needs an admin key when keys are configured
@@ -75,7 +75,7 @@ class Routes:
     def __init__(self, routes: list[Route]):
         self.routes = routes
         self._exact = {(r.method, r.path): r for r in routes if not r.prefix}
-        self.native_paths = {r.path for r in routes if r.native}
+        self.envelopes = {r.path: r.api for r in routes if r.api != "openai"}   # for errors before routing
 
     def match(self, method: str, path: str) -> tuple[Route, tuple[str, ...]]:
         want = "GET" if method == "HEAD" else method    # a GET route answers HEAD too, without the body
@@ -104,6 +104,7 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     request_id: str | None = None
     command = ""
+    route_api = "openai"
     body = b""                  # the raw request body, as read_json read it
     req_body: Body | None = None
     linger = False              # close with a lingering read: the client may still be sending
@@ -166,7 +167,7 @@ class Handler(BaseHTTPRequestHandler):
             self.req_body = Body(self.rfile, self.headers, self._send_continue)
         except FramingError as e:
             self.close_connection = self.linger = True
-            self.request_id, self.route_native, self.extra_headers = new_id(), False, {}
+            self.request_id, self.route_api, self.extra_headers = new_id(), "openai", {}
             self.respond_error(e)
             return False
         tokens = self.headers.get("Connection", "").lower()
@@ -211,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = rid if _SAFE_ID.fullmatch(rid) else new_id()
         path = self.path.split("?", 1)[0]
         srv = self.server
-        self.route_native = path in srv.routes.native_paths
+        self.route_api = srv.routes.envelopes.get(path, "openai")
         self.extra_headers: dict[str, str] = {}
         try:
             cors = srv.guard.check(self.command, self.headers, authority)
@@ -222,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
                     if preflight is not None:
                         return self.write_raw(self._head(204, "", preflight))
             route, params = srv.routes.match(self.command, path)
-            self.route_native = route.native
+            self.route_api = route.api
             srv.authorize(self, route)
             route.fn(self, *params)
         except errors.SluiceError as e:
@@ -286,13 +287,11 @@ class Handler(BaseHTTPRequestHandler):
     def respond_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
         self.respond(status, compact_json(obj).encode(), headers=headers)
 
-    def respond_error(self, err: errors.SluiceError, native: bool | None = None,
-                      headers: dict[str, str] | None = None) -> None:
-        native = self.route_native if native is None else native
+    def respond_error(self, err: errors.SluiceError, headers: dict[str, str] | None = None) -> None:
+        """`err` in the error envelope of the route's API (errors.ENVELOPES), with that API's status."""
         if isinstance(err, errors.Cancelled):
             self.close_connection = True      # the client left (or half-closed): nothing more comes from it
-        body = errors.native_body(err) if native else errors.openai_body(err)
-        status = err.status if err.status != 499 else 400
+        status, body = errors.ENVELOPES[self.route_api](err)
         self.respond_json(status, body, headers={**errors.response_headers(err), **(headers or {})})
 
     def start_sse(self, headers: dict[str, str] | None = None) -> None:
