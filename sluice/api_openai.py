@@ -52,7 +52,7 @@ class OpenAIApi:
 
     def openai(self, h: Handler, path: str) -> None:
         s = self.jobs.settings
-        body = h.read_json(s.max_body_bytes)
+        body = h.read_json(s.max_body_bytes, big=True)
         model = self.jobs.resolve(body.get("model"), native=False)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -79,7 +79,8 @@ class OpenAIApi:
         job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream,
                            timeout_s=s.queue_timeout_s)
         if s.log_prompts:
-            job.payload = body.get("messages", body.get("prompt", body.get("input")))
+            payload = body.get("messages", body.get("prompt", body.get("input")))
+            job.payload = h.bigs.expand(payload) if h.bigs is not None else payload
         upstream_model = self.jobs.models[model].upstream_model if model != CLOUD else None
         sse = _SSE(h, job, self)
         try:
@@ -110,6 +111,8 @@ class OpenAIApi:
             else:
                 out.pop("priority", None)
             data = json.dumps(out).encode()
+            if h.bigs is not None:
+                data = h.bigs.encode(data)
         deadline = self.jobs.deadline()
         opened = self.jobs.forward(job, path, data, deadline)
         if opened is None:
@@ -135,6 +138,8 @@ class OpenAIApi:
         sse.relay(ex, deadline)
 
     def _serve_cloud(self, h: Handler, job: Job, body: dict, sse: "_SSE") -> None:
+        if h.bigs is not None:
+            body = h.bigs.expand(body)           # Anthropic gets the real strings
         timeout = self.jobs.settings.cloud_timeout_s
         if not job.stream:
             obj = self.jobs.cloud.chat(body, timeout)

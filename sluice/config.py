@@ -60,6 +60,7 @@ class BackendConfig:
     start: str = "lazy"             # lazy: on the first request; eager: when sluice starts
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
+    sleep_timeout_s: float = 60.0   # each sleep/wake call (vLLM /sleep, sleep_cmd); past it the sleep failed
     start_retries: int = 3
     unhealthy_after: int = 3
     idle_unload_s: float | None = None   # None: from the RAM tier (600/300/180 s); 0: never
@@ -98,7 +99,7 @@ class Settings:
     max_queue_depth: int = 20
     max_tokens: int = 8192
     max_prompt_chars: int = 48000
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 64 << 20     # two 20 MB images, base64'd; ~1x the body in RAM (bigjson.py)
     queue_timeout_s: float = 300.0
     aging_s: float = 60.0
     default_priority: int = 2
@@ -337,6 +338,7 @@ _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _name
                     "engine": _choice(ENGINES), "command": _command, "model_path": _str, "port": _int(1, 65535),
                     "start": _choice(("lazy", "eager")), "start_timeout_s": _float(0, positive=True),
                     "stop_timeout_s": _float(0, positive=True), "start_retries": _int(0),
+                    "sleep_timeout_s": _float(0, positive=True),
                     "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table}
 _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names,
                   "fallback": _choice((CLOUD,)), "fallback_after_s": _float(0)}

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from sluice import errors
+from sluice.bigjson import THRESHOLD
 from sluice.config import CLOUD, Settings
 from sluice.scheduler import Job, Outcome, Scheduler
 from sluice.server import ClientGone, Handler
@@ -72,7 +73,7 @@ def show(v: Any) -> str:
     return f"{type(v).__name__} {json.dumps(v)[:40]}" if not isinstance(v, (dict, list)) else type(v).__name__
 
 
-def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
+def with_model(raw: bytes, asked: str, upstream: str) -> bytes | list | None:
     """`raw` (a JSON object whose "model" is `asked`) with that value replaced by `upstream`, every other
     byte as it was; None when that is not certain on the bytes alone (the caller then re-encodes).
 
@@ -86,6 +87,9 @@ def with_model(raw: bytes, asked: str, upstream: str) -> bytes | None:
     j = raw.find(old, i + 7)
     if j < 0 or raw[i + 7:j].strip(b" \t\r\n") != b":":
         return None
+    if len(raw) >= THRESHOLD:              # a large body (an image): its pieces, no copy of it
+        view = memoryview(raw)
+        return [view[:j], _json_str(upstream), view[j + len(old):]]
     return raw[:j] + _json_str(upstream) + raw[j + len(old):]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from sluice import __version__, errors
+from sluice import __version__, bigjson, errors
 from sluice.browser import BrowserGuard
 from sluice.connections import Connections
 from sluice.disconnects import DisconnectWatcher
@@ -58,6 +58,10 @@ def _finite(text: str) -> float:
 # JSON as RFC 8259 defines it: no NaN/Infinity, no number that overflows a double. A body sluice accepts is
 # one every backend's parser accepts, whether it goes up as the client's bytes or re-encoded.
 _decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).decode
+
+
+def _decode_bytes(data: bytes):
+    return _decode(data.decode(json.detect_encoding(data), "surrogatepass"))   # as json.loads(bytes) does
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     command = ""
     route_api = "openai"
     body = b""                  # the raw request body, as read_json read it
+    bigs = None                 # its long strings, when read_json(big=True) left them in `body`
     req_body: Body | None = None
     linger = False              # close with a lingering read: the client may still be sending
     server: "Server"
@@ -235,10 +240,12 @@ class Handler(BaseHTTPRequestHandler):
             self.respond_error(errors.SluiceError(
                 f"internal error in sluice (request id {self.request_id}); please report it"))
         finally:
-            self.body = b""               # not kept while the connection waits for its next request
+            self.body, self.bigs = b"", None   # not kept while the connection waits for its next request
 
-    def read_json(self, max_bytes: int) -> dict:
-        """The request body as a JSON object, bounded in size and nesting; a 4xx says what is wrong."""
+    def read_json(self, max_bytes: int, big: bool = False) -> dict:
+        """The request body as a JSON object, bounded in size and nesting; a 4xx says what is wrong.
+
+        `big`: the caller handles marks for long strings (bigjson.py), kept in `self.bigs` (None if none)."""
         if "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers:
             raise errors.LengthRequired("a JSON body is required: send it with Content-Length or "
                                         "Transfer-Encoding: chunked")
@@ -255,7 +262,10 @@ class Handler(BaseHTTPRequestHandler):
         if _too_deep(data):
             raise errors.BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
-            obj = _decode(data.decode(json.detect_encoding(data), "surrogatepass"))   # as json.loads(bytes)
+            if big:
+                obj, self.bigs = bigjson.parse(data, _decode_bytes)
+            else:
+                obj = _decode_bytes(data)
         except (ValueError, RecursionError) as e:      # UnicodeDecodeError included
             raise errors.BadRequest(f"body is not valid JSON: {e}") from None
         if not isinstance(obj, dict):

@@ -83,13 +83,21 @@ class Exchange:
         self._closed = False
         self._lock = threading.Lock()   # abort (any thread) vs close (the owner): never touch a pooled socket
 
-    def send(self, method: str, path: str, body: bytes | None, headers: str, deadline: float) -> None:
-        """`headers`: the header lines after the request line, each ending in CRLF, Content-Length aside."""
+    def send(self, method: str, path: str, body: bytes | list | None, headers: str, deadline: float) -> None:
+        """`headers`: the header lines after the request line, each ending in CRLF, Content-Length aside.
+        `body` may be a list of buffers (a large body's pieces: see bigjson.py)."""
         body = body or b""
-        head = f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
+        pieces = body if isinstance(body, list) else None    # a large body's pieces, sent without joining
+        size = sum(len(p) for p in pieces) if pieces is not None else len(body)
+        head = f"{method} {path} HTTP/1.1\r\n{headers}Content-Length: {size}\r\n\r\n"
         try:
             self._limit(deadline)
-            self._conn.io.write(head.encode("latin-1") + body)
+            if pieces is None:
+                self._conn.io.write(head.encode("latin-1") + body)
+            else:
+                self._conn.io.write(head.encode("latin-1"))
+                for piece in pieces:
+                    self._conn.io.write(piece)
             self._read_head()
         except (OSError, ValueError) as e:
             raise self._failure(e, "before answering") from None

@@ -14,7 +14,7 @@ def test_seed_defaults():
     s = load(environ={})
     assert (s.host, s.port, s.max_queue_depth, s.max_tokens, s.max_prompt_chars) == ("127.0.0.1", 5590, 20, 8192, 48000)
     assert s.cloud_model == "claude-sonnet-4-6" and s.aging_s == 60 and s.cloud_concurrency == 4
-    assert s.max_body_bytes == 1 << 20
+    assert s.max_body_bytes == 64 << 20
     assert [(m.name, m.aliases, m.upstream_model) for m in s.models] == [
         ("reasoning", (), "mlx-community/Qwen3-8B-4bit"), ("fast", ("tiny",), "mlx-community/Qwen3-1.7B-4bit")]
     assert {b.name: b.url for b in s.backends} == {"reasoning": "http://localhost:8080/v1",

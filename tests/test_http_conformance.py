@@ -197,7 +197,9 @@ def test_drain_is_visible_and_reversible(app):
 
 
 # ---- 5. an oversized body's answer reaches the client --------------------------------------------------
-def test_oversized_body_gets_its_413(app):
+def test_oversized_body_gets_its_413(make_app, backend):
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url,
+                    "SLUICE_MAX_BODY_BYTES": 1 << 20})
     req = urllib.request.Request(f"http://127.0.0.1:{app.port}/v1/query", data=b"x" * (5 << 20),
                                  headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
