@@ -7,7 +7,11 @@ from sluice import __version__
 _PRIORITY = {"type": "integer", "minimum": 0, "maximum": 4, "description": "0 = most urgent (P_CRITICAL) .. 4 = P_BG"}
 _MESSAGES = {"type": "array", "minItems": 1, "items": {
     "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}}
+    "properties": {"role": {"type": "string"}, "content": {"oneOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "object", "required": ["type"], "properties": {
+            "type": {"type": "string", "description": "text, image_url, ..."}, "text": {"type": "string"},
+            "image_url": {"type": "object", "properties": {"url": {"type": "string"}}}}}}]}}}}
 
 SCHEMAS = {
     "NativeError": {"type": "object", "required": ["status", "error"],
@@ -25,7 +29,7 @@ SCHEMAS = {
         "status": {"type": "string", "enum": ["ok"]}, "source": {"type": "string", "enum": ["local", "cloud"]},
         "result": {"type": "string"}, "id": {"type": "string"}}},
     "Health": {"type": "object", "required": ["status"], "properties": {
-        "status": {"type": "string", "enum": ["ok", "warming", "degraded"]},
+        "status": {"type": "string", "enum": ["ok", "warming", "degraded", "draining"]},
         "models_ready": {"type": "integer"}, "models_total": {"type": "integer"},
         "backends": {"type": "object"}, "model_status": {"type": "object"}, "queue": {"type": "object"}}},
     "QueueStatus": {"type": "object", "properties": {k: {"type": "number"} for k in (
@@ -54,13 +58,19 @@ _DOCS = {
     ("POST", "/v1/completions"): ("OpenAI completions", "CompletionRequest", None, "OpenAIError"),
     ("POST", "/v1/embeddings"): ("OpenAI embeddings", "EmbeddingRequest", None, "OpenAIError"),
     ("GET", "/v1/models"): ("Configured models and aliases", None, "Models", "OpenAIError"),
+    ("GET", "/v1/models/"): ("One model (the SDKs' models.retrieve)", None, None, "OpenAIError"),
     ("GET", "/admin/status"): ("Everything the dashboard shows", None, "AdminStatus", "OpenAIError"),
     ("POST", "/admin/drain"): ("Stop admitting new requests", None, None, "OpenAIError"),
+    ("POST", "/admin/resume"): ("Admit new requests again after a drain", None, None, "OpenAIError"),
     ("GET", "/metrics"): ("Prometheus text format 0.0.4", None, "text/plain", "OpenAIError"),
     ("GET", "/"): ("Live dashboard", None, "text/html", "OpenAIError"),
     ("GET", "/ui"): ("Live dashboard", None, "text/html", "OpenAIError"),
     ("GET", "/openapi.json"): ("This document", None, None, "OpenAIError"),
 }
+
+
+# A prefix route's path parameters, by prefix.
+_PREFIX_PARAMS = {"/admin/models/": ("name", "action"), "/v1/models/": ("model",)}
 
 
 def _ref(name: str) -> dict:
@@ -70,7 +80,8 @@ def _ref(name: str) -> dict:
 def spec(routes) -> dict:
     paths: dict = {}
     for r in routes:
-        path = r.path + "{name}/{action}" if r.prefix else r.path
+        params = _PREFIX_PARAMS.get(r.path, ("name", "action")) if r.prefix else ()
+        path = r.path + "/".join("{%s}" % n for n in params) if r.prefix else r.path
         summary, req, ok, err = _DOCS.get((r.method, r.path), (r.path, None, None, "OpenAIError"))
         if ok in ("text/plain", "text/html"):
             ok_content = {ok: {"schema": {"type": "string"}}}
@@ -85,7 +96,7 @@ def spec(routes) -> dict:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(req)}}}
         if r.prefix:
             op["parameters"] = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
-                                for n in ("name", "action")]
+                                for n in params]
         paths.setdefault(path, {})[r.method.lower()] = op
     return {"openapi": "3.0.3", "info": {"title": "sluice", "version": __version__},
             "paths": paths, "components": {"schemas": SCHEMAS}}
