@@ -7,7 +7,7 @@ import time
 
 from sluice import errors
 from sluice.config import CLOUD
-from sluice.jobs import JobPath, int_field, num_field, show, with_model
+from sluice.jobs import JobPath, ModelNamer, int_field, num_field, show, with_model
 from sluice.scheduler import Job, Outcome
 from sluice.server import ClientGone, Handler, Route, compact_json
 from sluice.upstream import Exchange, json_body
@@ -133,9 +133,10 @@ class OpenAIApi:
             job.status = ex.status
             self.jobs.scheduler.finish(job, Outcome.OK if ex.status == 200 else Outcome.ERROR)
             ctype = ex.headers.get("content-type", "application/json")
-            h.respond(ex.status, data, ctype, headers=self.jobs.response_headers(job))
+            h.respond(ex.status, ModelNamer(upstream_model, body["model"])(data) if ex.status == 200 else data,
+                      ctype, headers=self.jobs.response_headers(job))
             return
-        sse.relay(ex, deadline)
+        sse.relay(ex, deadline, ModelNamer(upstream_model, body["model"]))
 
     def _serve_cloud(self, h: Handler, job: Job, body: dict, sse: "_SSE") -> None:
         if h.bigs is not None:
@@ -182,8 +183,9 @@ class _SSE:
     def event(self, data: bytes) -> None:
         self.h.sse_chunk(data)
 
-    def relay(self, ex: Exchange, deadline: float) -> None:
-        """Forward upstream events as they arrive; comment lines kept; usage noted from the last chunk."""
+    def relay(self, ex: Exchange, deadline: float, rename=lambda data: data) -> None:
+        """Forward upstream events as they arrive, each renamed to the model the client asked for;
+        comment lines kept; usage noted from the last chunk."""
         self.start()
         try:
             for events in ex.events(deadline):
@@ -193,7 +195,7 @@ class _SSE:
                     for line in events.split(b"\n"):
                         if line.startswith(b"data:") and b'"usage"' in line:
                             self._usage(line)
-                self.h.sse_chunk(events)
+                self.h.sse_chunk(rename(events))
         except ClientGone:
             ex.abort()
             raise

@@ -93,6 +93,23 @@ def with_model(raw: bytes, asked: str, upstream: str) -> bytes | list | None:
     return raw[:j] + _json_str(upstream) + raw[j + len(old):]
 
 
+class ModelNamer:
+    """Puts the name the client asked for (`fast`) where a backend's answer names its own model id
+    (`mlx-community/Qwen3-1.7B-4bit`): on the answer's bytes, both usual spellings, nothing re-encoded."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, upstream: str | None, asked: str):
+        up, to = _json_str(upstream or asked), _json_str(asked)
+        self.pairs = () if up == to else ((b'"model":' + up, b'"model":' + to), (b'"model": ' + up, b'"model": ' + to))
+
+    def __call__(self, data: bytes) -> bytes:
+        for old, new in self.pairs:
+            if old in data:
+                data = data.replace(old, new)
+        return data
+
+
 @functools.lru_cache(maxsize=1024)
 def _json_str(s: str) -> bytes:
     return json.dumps(s).encode()
