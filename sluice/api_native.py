@@ -34,10 +34,13 @@ class NativeApi:
         prompt = str_field(body, "prompt", s.max_prompt_chars, required=True)
         system = str_field(body, "system", s.max_prompt_chars)
         max_tokens = int_field(body, "max_tokens", 1, s.max_tokens, min(2048, s.max_tokens))
+        cap = self.jobs.max_tokens_cap(model)
+        if cap is not None:
+            max_tokens = min(max_tokens, cap)
         temperature = num_field(body, "temperature", 0, 2, 0.3)
-        priority = int_field(body, "priority", 0, 4, s.default_priority)
+        priority = self.jobs.priority(h, body, model)
         timeout = num_field(body, "timeout", 0.001, 86400.0)
-        job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1/query", timeout_s=timeout or s.queue_timeout_s)
+        job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1/query", timeout_s=timeout)
         if s.log_prompts:
             job.payload = prompt
         result: dict = {}

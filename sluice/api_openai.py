@@ -16,6 +16,13 @@ from sluice.upstream import Exchange, json_body
 # makes sluice re-encode the body: it checked the last value, and a backend whose parser keeps the first one
 # must not see another.
 _DECIDING_FIELDS = (b'"stream"', b'"max_tokens"', b'"max_completion_tokens"')
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _within(body: dict, cap: int) -> bool:
+    """The request names a token limit, and every one it names is at most `cap` (validated ints)."""
+    asked = [body[f] for f in _TOKEN_FIELDS if body.get(f) is not None]
+    return bool(asked) and all(v <= cap for v in asked)
 
 
 class OpenAIApi:
@@ -73,11 +80,11 @@ class OpenAIApi:
         num_field(body, "temperature", 0, 2)
         if "stream_options" in body and not isinstance(body["stream_options"], (dict, type(None))):
             raise errors.BadRequest("stream_options must be an object", param="stream_options")
-        priority = self.jobs.priority(h, body)
+        priority = self.jobs.priority(h, body, model)
         if model == CLOUD and path != "/chat/completions":
             raise errors.BadRequest(f"model {CLOUD!r} serves /v1/chat/completions only", param="model")
         job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream,
-                           timeout_s=s.queue_timeout_s)
+                           timeout_s=None)
         if s.log_prompts:
             payload = body.get("messages", body.get("prompt", body.get("input")))
             job.payload = h.bigs.expand(payload) if h.bigs is not None else payload
@@ -102,10 +109,15 @@ class OpenAIApi:
         # The client's own bytes with only the model swapped, when nothing else changes (the usual request):
         # no re-encoding, and every other field goes upstream exactly as the client wrote it.
         raw = h.body
-        data = None if forward_priority or "priority" in body or any(raw.count(f) > 1 for f in _DECIDING_FIELDS) \
-            else with_model(raw, body["model"], upstream_model)
+        cap = self.jobs.max_tokens_cap(job.model)
+        capped = cap is not None and path != "/embeddings" and not _within(body, cap)
+        data = None if capped or forward_priority or "priority" in body or \
+            any(raw.count(f) > 1 for f in _DECIDING_FIELDS) else with_model(raw, body["model"], upstream_model)
         if data is None:
             out = {**body, "model": upstream_model}
+            if capped:                    # the model's max_tokens limit: what asks for more, or names none
+                asked = [f for f in _TOKEN_FIELDS if f in out] or ["max_tokens"]
+                out.update({f: min(out.get(f) or cap, cap) for f in asked})
             if forward_priority:
                 out["priority"] = job.priority
             else:

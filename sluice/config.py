@@ -78,6 +78,11 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     fallback: str | None = None      # "cloud": send to Anthropic when no local backend takes it in time
     fallback_after_s: float = 30.0
+    # Per-model limits (None: the server-wide setting).
+    max_concurrency: int | None = None   # requests of this model in flight at once, across its backends
+    timeout_s: float | None = None       # queue wait for this model (every route; /v1/query's `timeout` wins)
+    max_tokens: int | None = None        # a larger (or missing) max_tokens is clamped to this
+    default_priority: int | None = None  # the priority of a request that names none
 
 
 @dataclass(frozen=True)
@@ -342,6 +347,12 @@ _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _name
                     "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table}
 _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names,
                   "fallback": _choice((CLOUD,)), "fallback_after_s": _float(0)}
+_MODEL_LIMITS = {"max_concurrency": _int(1), "timeout_s": _float(0, positive=True), "max_tokens": _int(1),
+                 "default_priority": _int(0, 4)}
+_MODEL_PARSERS.update(_MODEL_LIMITS)
+# The same for the seed's env-only models: SLUICE_FAST_TIMEOUT, SLUICE_REASONING_MAX_CONCURRENCY, ...
+_MODEL_LIMIT_ENV = {"max_concurrency": "MAX_CONCURRENCY", "timeout_s": "TIMEOUT", "max_tokens": "MAX_TOKENS",
+                    "default_priority": "PRIORITY"}
 
 
 def _backend(where: str, t: dict, pinned: set[str]) -> BackendConfig:
@@ -383,7 +394,10 @@ def _topology(doc: dict, env: Mapping[str, str], sources: dict[str, str]):
             sources[f"models.{name}"] = "env" if url_var in env or id_var in env else "default"
             if not any(b.name == name for b in backends):
                 backends.append(BackendConfig(name=name, url=url, models=(upstream,)))
-            models.append(ModelConfig(name=name, upstream_model=upstream, backends=(name,), aliases=aliases))
+            limits = {k: _get(var, env[var], _MODEL_LIMITS[k]) for k, suffix in _MODEL_LIMIT_ENV.items()
+                      if (var := f"SLUICE_{name.upper()}_{suffix}") in env}
+            models.append(ModelConfig(name=name, upstream_model=upstream, backends=(name,), aliases=aliases,
+                                      **limits))
     if not gates:
         gates = [GateConfig(name="gpu")]
     _check_topology(gates, backends, models)

@@ -150,12 +150,14 @@ class JobPath:
             raise errors.NotFound(msg, param="model", code="model_not_found")
         return model.name
 
-    def priority(self, h: Handler, body: dict) -> int:
+    def priority(self, h: Handler, body: dict, model: str | None = None) -> int:
+        """The body's `priority`, else X-Sluice-Priority, else the model's default_priority, else the server's."""
         if body.get("priority") is not None:
             return int_field(body, "priority", 0, 4)
         header = h.headers.get("X-Sluice-Priority")
         if header is None:
-            return self.settings.default_priority
+            limit = self.models[model].default_priority if model in self.models else None
+            return self.settings.default_priority if limit is None else limit
         value = header.strip(" \t")
         if len(value) != 1 or value not in "01234":       # ASCII only: '²'.isdigit() is True
             raise errors.BadRequest(f"X-Sluice-Priority must be an integer from 0 to 4, got {header[:20]!r}",
@@ -166,6 +168,9 @@ class JobPath:
         """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
         key = getattr(h, "key", None)
         kw["id"] = h.request_id          # one id for the client's X-Request-Id, the log line and the JSONL entry
+        if kw.get("timeout_s") is None:  # the queue wait: the model's own limit, else the server's
+            limit = self.models[model].timeout_s if model in self.models else None
+            kw["timeout_s"] = self.settings.queue_timeout_s if limit is None else limit
         if key is None:
             return Job(model, priority, route, **kw)
         if key.models and asked_model not in key.models and model not in key.models:
@@ -205,6 +210,10 @@ class JobPath:
             self.scheduler.finish(job, Outcome.ERROR, errors.SluiceError(f"internal error: {e}"))
             raise
         self.scheduler.finish(job, Outcome.OK)
+
+    def max_tokens_cap(self, model: str) -> int | None:
+        """The model's max_tokens limit (a request asking for more, or naming none, gets this), or None."""
+        return self.models[model].max_tokens if model in self.models else None
 
     def response_headers(self, job: Job) -> dict[str, str]:
         return {"X-Sluice-Queue-Wait-Ms": f"{job.wait_s * 1000:.1f}",
