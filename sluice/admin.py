@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from importlib import resources
+from urllib.parse import parse_qs, urlsplit
 from typing import TYPE_CHECKING
 
 from sluice import __version__, errors
@@ -24,6 +25,7 @@ class Admin:
             Route("GET", "/admin/status", self.status, admin=True),
             Route("POST", "/admin/drain", self.drain, admin=True),
             Route("POST", "/admin/resume", self.resume, admin=True),
+            Route("GET", "/admin/log", self.log_tail, admin=True),
             Route("POST", "/admin/models/", self.model_action, admin=True, prefix=True),
             Route("GET", "/metrics", self.metrics, admin=True),
             Route("GET", "/", self.dashboard, public=True),
@@ -93,6 +95,18 @@ class Admin:
         resumed = self.app.scheduler.resume()
         h.respond_json(200, {"status": "ok", "resumed": resumed})
 
+    def log_tail(self, h: Handler) -> None:
+        """GET /admin/log?n=100: the last n request-log entries (the lines requests.jsonl gets), oldest first."""
+        keep = self.app.recent.maxlen
+        raw = parse_qs(urlsplit(h.path).query, keep_blank_values=True).get("n", ["100"])[-1]
+        n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 6 else 0
+        if not 1 <= n <= keep:
+            raise errors.BadRequest(f"n must be a whole number from 1 to {keep} (sluice keeps the last {keep} "
+                                    f"requests in memory; older ones are in requests.jsonl); got {raw[:20]!r}",
+                                    param="n")
+        self.app.flush_records()
+        h.respond_json(200, {"object": "list", "data": list(self.app.recent)[-n:]})
+
     def model_action(self, h: Handler, name: str = "", action: str = "", *rest: str) -> None:
         """POST /admin/models/{name}/load|unload|sleep|wake for the backends that serve a model."""
         app = self.app
@@ -100,29 +114,7 @@ class Admin:
         if model is None or rest:
             raise errors.NotFound(f"no model {name!r}; known: {', '.join(app.api.settings.model_names()[:-1])}",
                                   code="model_not_found")
-        if action not in ("load", "unload", "sleep", "wake"):
-            raise errors.NotFound(f"unknown action {action!r}; use load, unload, sleep or wake")
-        gates = {app._backend_cfg[b].gate for b in model.backends}
-        if any(app.scheduler.snapshot()["gates"][g]["state"] == "switching" for g in gates):
-            raise errors.Conflict(f"a model switch is running on gate {', '.join(sorted(gates))}; retry when it ends")
-        done = []
-        for b in model.backends:
-            cfg = app._backend_cfg[b]
-            if app.supervisor is not None and b in app.supervisor:
-                managed = app.supervisor.get(b)
-                if action in ("load", "wake"):
-                    managed.ensure_ready(cfg.start_timeout_s)
-                elif action == "sleep":
-                    managed.sleep()
-                else:
-                    managed.stop()
-            elif cfg.switch.startswith("vllm-sleep-") and action in ("sleep", "wake"):
-                app._switch(b, action)
-            else:
-                raise errors.Conflict(f"backend {b!r} is not run by sluice and has no sleep method, so it cannot "
-                                      f"{action}; give it an engine/command or switch = \"vllm-sleep-1\"")
-            done.append(b)
-        h.respond_json(200, {"model": model.name, "action": action, "backends": done})
+        h.respond_json(200, app.ops.model_action(model.name, model.backends, action, app.scheduler))
 
     def metrics(self, h: Handler) -> None:
         self.app.flush_records()

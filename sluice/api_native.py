@@ -97,7 +97,8 @@ class NativeApi:
             if model_status[m.name] == "ready" and all(b in starting for b in m.backends):
                 model_status[m.name] = "warming"
         model_status[CLOUD] = self.jobs.cloud.mode()
-        if any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
+        problem = snap.get("dispatcher")          # queued requests are not being granted
+        if problem or any(v in (Health.DOWN, Health.FAILED) for v in states.values()):
             status = "degraded"
         elif snap.get("draining"):
             status = "draining"          # POST /admin/resume takes new work again
@@ -106,11 +107,14 @@ class NativeApi:
         else:
             status = "ok"
         ready = sum(1 for m in self.jobs.settings.models if model_status[m.name] == "ready")
-        return {"status": status, "models_ready": ready, "models_total": len(self.jobs.settings.models),
+        doc = {"status": status, "models_ready": ready, "models_total": len(self.jobs.settings.models),
                 "backends": {self.jobs.upstreams[n].url: v for n, v in states.items()},
                 "model_status": model_status,
                 "queue": {"pending": snap["pending"], "active": snap["active"] > 0,
                           "total_served": snap["totals"]["served"], "avg_latency_ms": snap["avg_latency_ms"]}}
+        if problem:
+            doc["problem"] = problem
+        return doc
 
     def queue_status(self, h: Handler) -> None:
         snap = self.jobs.scheduler.snapshot()

@@ -12,7 +12,6 @@ import dataclasses
 import hmac
 import ipaddress
 import logging
-import subprocess
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from collections import deque
 from sluice import __version__, errors, logfile
 from sluice.admin import Admin
 from sluice.api import Api
+from sluice.backends import BackendOps, process_spec, upstream_url
 from sluice.browser import BrowserGuard
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
@@ -27,7 +27,7 @@ from sluice.metrics import SluiceMetrics
 from sluice.models import ModelTable
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server, compact_json
-from sluice.supervisor import ProcessSpec, State, Supervisor, ram_tier_idle_s, spec_for
+from sluice.supervisor import State, Supervisor
 from sluice.upstream import HealthMonitor, Upstream
 
 log = logging.getLogger("sluice")
@@ -70,22 +70,24 @@ class App:
         self._records: deque[tuple] = deque()
         self._records_lock = threading.Lock()
         self._recording = threading.Thread(target=self._recorder, name="sluice-recorder", daemon=True)
-        self._backend_cfg = {b.name: b for b in settings.backends}
-        procs = [self._process_spec(b) for b in settings.backends if b.managed]
-        urls = {b.name: b.url for b in settings.backends}
-        urls.update({p.name: f"http://127.0.0.1:{p.port}/v1" for p in procs})
-        self.upstreams = {b.name: Upstream(b.name, urls[b.name], b.api_key) for b in settings.backends}
+        procs = [process_spec(b, settings) for b in settings.backends if b.managed]
+        spec = {p.name: p for p in procs}
+        self.upstreams = {b.name: Upstream(b.name, upstream_url(b, spec.get(b.name)), b.api_key)
+                          for b in settings.backends}
         self.table = ModelTable(settings)
         specs = [BackendSpec(b.name, b.gate, self.table.serving(b.name), b.slots, b.jit_swap)
                  for b in settings.backends]
         self.scheduler = Scheduler(settings.gates, specs, max_queue_depth=settings.max_queue_depth,
-                                   aging_s=settings.aging_s, on_finish=self._record, switcher=self._switch,
+                                   aging_s=settings.aging_s, on_finish=self._record,
+                                   switcher=lambda backend, action: self.ops.switch(backend, action),
                                    on_switch=lambda gate, phases: self.metrics.record_switch(gate, phases))
         self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
                            settings.claude_bin, environ)
         # Managed backends are probed by their supervisor; the health monitor watches the others.
         self.supervisor = Supervisor(procs, settings.state_dir, on_change=self._managed_changed,
                                      is_busy=self.scheduler.busy) if procs else None
+        # The one owner of every backend action: the scheduler's switches, admin's and validate's.
+        self.ops = BackendOps({b.name: b for b in settings.backends}, self.upstreams, self.supervisor)
         for p in procs:
             self.scheduler.set_health(p.name, Health.READY)      # startable on demand: not down
         self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path)
@@ -103,6 +105,10 @@ class App:
         self.server = Server((settings.host, settings.port), Routes(self.api.routes() + self.admin.routes()),
                              self.authorize, settings.client_timeout_s, settings.max_connections,
                              _guard(settings), settings.max_connections_per_client)
+        # Ollama clients look for their own port (11434): the same routes on a second listener.
+        self.ollama_server = None if settings.ollama_port is None else Server(
+            (settings.host, settings.ollama_port), self.server.routes, self.authorize, settings.client_timeout_s,
+            settings.max_connections, _guard(settings), settings.max_connections_per_client)
         self._requests_log = _requests_log(settings.log_dir)
         self._serving: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -110,6 +116,10 @@ class App:
     @property
     def port(self) -> int:
         return self.server.server_address[1]
+
+    @property
+    def ollama_port(self) -> int | None:
+        return self.ollama_server.server_address[1] if self.ollama_server is not None else None
 
     @property
     def url(self) -> str:
@@ -126,6 +136,10 @@ class App:
         self._serving = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                          name="sluice-http", daemon=True)
         self._serving.start()
+        if self.ollama_server is not None:
+            threading.Thread(target=self.ollama_server.serve_forever, kwargs={"poll_interval": 0.2},
+                             name="sluice-http-ollama", daemon=True).start()
+            log.info("sluice serving Ollama clients on port %d", self.ollama_server.server_address[1])
         log.info("sluice listening on %s (models: %s)", self.url, ", ".join(self.settings.model_names()))
         return self
 
@@ -136,6 +150,8 @@ class App:
         self._stopped.set()
         timeout = self.settings.shutdown_timeout_s if timeout is None else timeout
         self.server.shutdown()
+        if self.ollama_server is not None:
+            self.ollama_server.shutdown()
         n = self.scheduler.close(errors.Unavailable("sluice is shutting down; retry against another instance "
                                                     "or after it restarts", retry_after=5))
         if n:
@@ -147,6 +163,8 @@ class App:
         if self.supervisor is not None:
             self.supervisor.stop()
         self.server.server_close()
+        if self.ollama_server is not None:
+            self.ollama_server.server_close()
         for up in self.upstreams.values():
             up.close()
         self._recording.join(timeout=5)
@@ -165,7 +183,8 @@ class App:
         changing those is refused: restart to apply them (a backend's `models` list may change).
         """
         old = self.settings
-        shape = lambda s: (s.gates, [dataclasses.replace(b, models=()) for b in s.backends], s.host, s.port)
+        shape = lambda s: (s.gates, [dataclasses.replace(b, models=()) for b in s.backends], s.host, s.port,
+                           s.ollama_port)
         if shape(new) != shape(old):
             raise ConfigError("gates, backends or the listen address changed; "
                               "restart sluice to apply those (the running configuration is kept)")
@@ -173,13 +192,14 @@ class App:
             raise ConfigError("the new configuration has no API keys for a non-loopback address")
         changes = self.table.reload(new)
         self.settings = new
-        self._backend_cfg = {b.name: b for b in new.backends}
+        self.ops.reconfigure({b.name: b for b in new.backends})
         self.scheduler.max_queue_depth = new.max_queue_depth
         self.scheduler.aging_s = new.aging_s
-        self.server.client_timeout_s = new.client_timeout_s
-        self.server.connections.max_total = new.max_connections
-        self.server.connections.per_client = new.max_connections_per_client
-        self.server.guard = _guard(new)
+        for server in filter(None, (self.server, self.ollama_server)):
+            server.client_timeout_s = new.client_timeout_s
+            server.connections.max_total = new.max_connections
+            server.connections.per_client = new.max_connections_per_client
+            server.guard = _guard(new)
         self.health.manifest_interval = new.manifest_interval_s
         log.info("configuration reloaded (%d key(s), queue depth %d; %s)", len(new.keys), new.max_queue_depth,
                  changes)
@@ -193,18 +213,6 @@ class App:
     # ---- wiring ------------------------------------------------------------------------------------------
     def _report_health(self, backend: str, ok: bool) -> None:
         self.scheduler.set_health(backend, Health.READY if ok else Health.DOWN)
-
-    def _process_spec(self, b) -> ProcessSpec:
-        idle = b.idle_unload_s if b.idle_unload_s is not None else ram_tier_idle_s()
-        extra = {"health_path": b.health_path} if b.health_path else {}
-        try:
-            return spec_for(b.name, model=b.model_path, engine=b.engine, command=b.command, port=b.port,
-                            log_dir=self.settings.log_dir, env=dict(b.env), start=b.start,
-                            start_timeout_s=b.start_timeout_s, stop_timeout_s=b.stop_timeout_s,
-                            start_retries=b.start_retries, unhealthy_after=b.unhealthy_after,
-                            idle_unload_s=idle or None, probe_interval_s=self.settings.health_interval_s, **extra)
-        except ValueError as e:
-            raise ConfigError(str(e) if str(e).startswith("backends.") else f"backends.{b.name}: {e}") from None
 
     def _managed_changed(self, name: str, old, new) -> None:
         # FAILED (restarts exhausted, start timeout) refuses its jobs at once, on an exclusive gate too (a
@@ -227,31 +235,6 @@ class App:
         if self.supervisor is not None and name in self.supervisor:
             return self.supervisor.get(name).use(timeout)
         return contextlib.nullcontext()
-
-    def _switch(self, backend: str, action: str) -> None:
-        """Take a backend's model off the GPU ("sleep", "stop") or bring it back ("wake"). Raises on failure."""
-        cfg = self._backend_cfg[backend]
-        if self.supervisor is not None and backend in self.supervisor:
-            managed = self.supervisor.get(backend)
-            if action == "wake":
-                managed.ensure_ready(cfg.start_timeout_s)
-            elif action == "sleep":
-                managed.sleep()               # a failed sleep falls back to stop inside
-            else:
-                managed.stop()
-        elif cfg.switch == "command":
-            argv = cfg.wake_cmd if action == "wake" else cfg.sleep_cmd
-            r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-            if r.returncode != 0:
-                raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr[-300:].decode(errors='replace')}")
-        elif cfg.switch.startswith("vllm-sleep-"):
-            level = int(cfg.switch[-1])
-            if action == "sleep":
-                self.upstreams[backend].vllm_sleep(level)
-            elif action == "wake":
-                self.upstreams[backend].vllm_wake(level)
-            else:
-                raise RuntimeError(f"backend {backend!r} has no way to stop (it is not a process sluice runs)")
 
     def _backend_refused(self, backend: str) -> None:
         self.scheduler.set_health(backend, Health.DOWN)

@@ -60,7 +60,7 @@ class BackendConfig:
     start: str = "lazy"             # lazy: on the first request; eager: when sluice starts
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 10.0
-    sleep_timeout_s: float = 60.0   # each sleep/wake call (vLLM /sleep, sleep_cmd); past it the sleep failed
+    sleep_timeout_s: float = 120.0  # each sleep/wake call (vLLM /sleep, sleep_cmd); past it the sleep failed
     start_retries: int = 3
     unhealthy_after: int = 3
     idle_unload_s: float | None = None   # None: from the RAM tier (600/300/180 s); 0: never
@@ -99,6 +99,7 @@ class KeyConfig:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 5590
+    ollama_port: int | None = None   # a second listener for Ollama clients (e.g. 11434); None: off
     log_dir: Path = Path("~/.sluice/logs").expanduser()
     state_dir: Path = Path("~/.sluice/run").expanduser()
     max_queue_depth: int = 20
@@ -242,6 +243,7 @@ def _names(v: Any) -> tuple[str, ...]:
 SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "host": ("SLUICE_HOST", _str),
     "port": ("SLUICE_PORT", _int(0, 65535)),
+    "ollama_port": ("SLUICE_OLLAMA_PORT", _int(0, 65535)),
     "log_dir": ("SLUICE_LOG_DIR", _path),
     "state_dir": ("SLUICE_STATE_DIR", _path),
     "max_queue_depth": ("SLUICE_MAX_QUEUE_DEPTH", _int(1)),

@@ -119,10 +119,30 @@ def _wire_status(err: SluiceError) -> int:
     return err.status if err.status != 499 else 400      # 499 (client gone) is not a status to send
 
 
-# One error envelope per API, by the name a Route gives in `api`: (status, body). Adapters add theirs.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+    413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def anthropic_status(err: SluiceError) -> int:
+    """Anthropic's status for an error: 529 where sluice cannot take it now (its SDK retries 529 with
+    Retry-After); other 4xx as they are; the rest 500/502/504."""
+    return 529 if err.status == 503 else _wire_status(err)
+
+
+def anthropic_body(err: SluiceError) -> dict:
+    status = anthropic_status(err)
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+# One error envelope per API, by the name a Route gives in `api`: (status, body).
 ENVELOPES = {
     "openai": lambda err: (_wire_status(err), openai_body(err)),
     "native": lambda err: (_wire_status(err), native_body(err)),
+    "anthropic": lambda err: (anthropic_status(err), anthropic_body(err)),
+    "ollama": lambda err: (_wire_status(err), {"error": err.message}),
 }
 
 

@@ -5,11 +5,30 @@ atomically). An exclusive gate has one resident model at a time and moves betwee
 
     serving --(policy picks another model)--> draining --(in-flight reaches 0)--> switching
     switching --(old asleep, new awake)--> serving        switching --(wake failed)--> idle (no resident)
+    switching --(old neither asleep nor gone)--> serving the old model (aborted; nothing was woken)
 
-Only the dispatcher starts a switch; only the switch thread ends one (one writer per transition).
+Only the dispatcher starts a switch; only the switch thread ends one (one writer per transition). An
+operator's load/sleep/unload is a `SwitchOrder`: while one is pending it overrides the policy, and the gate
+grants nothing until the order's switch has run.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class SwitchOrder:
+    """An operator's "make `target` resident" (target set) or "take `evict` off the GPU" (target None):
+    `how` the old model goes down ("sleep" or "stop"). The switch thread sets `result` or `error`, then
+    `done`."""
+    target: str | None
+    evict: str | None = None
+    how: str = "sleep"
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict | None = None
+    error: Exception | None = None
 
 
 class Gate:
@@ -29,12 +48,13 @@ class Gate:
         self.switches = 0
         self.switch_failures = 0
         self.last_switch: dict | None = None
+        self.order: SwitchOrder | None = None  # an operator's switch, waiting for its turn
 
     @property
     def state(self) -> str:
         if self.switching:
             return "switching"
-        if self.drain_target is not None:
+        if self.drain_target is not None or self.order is not None:
             return "draining"
         return "serving" if self.inflight else "idle"
 

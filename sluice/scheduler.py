@@ -17,7 +17,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -25,8 +24,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from sluice import errors
-from sluice.gates import Gate
-from sluice.policies import GateView, SwitchCosts, Waiting, decide, next_deadline
+from sluice import policies
+from sluice.gates import Gate, SwitchOrder
+from sluice.ids import new_id
+from sluice.policies import GateView, SwitchCosts, Waiting, next_deadline
 
 log = logging.getLogger("sluice.scheduler")
 
@@ -57,12 +58,6 @@ class JobState(enum.Enum):
 
 _COUNTER = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
             Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}      # the totals key of each outcome
-_ids = itertools.count(int.from_bytes(os.urandom(6), "big"))
-
-
-def new_id() -> str:
-    """A request id: 12 hex digits, unique in this process (a counter from a random start; no syscall)."""
-    return f"{next(_ids) & 0xFFFFFFFFFFFF:012x}"
 
 
 @dataclass(eq=False)
@@ -203,7 +198,7 @@ class _Backend:
             return False
         if self.gate.exclusive:
             # Only the resident model's backend is awake; a failed probe of a sleeping one means nothing.
-            if self.gate.resident != model or self.gate.drain_target is not None:
+            if self.gate.resident != model or self.gate.drain_target is not None or self.gate.order is not None:
                 return False
         elif self.health is not Health.READY:
             return False
@@ -225,7 +220,8 @@ class Scheduler:
                  clock: Callable[[], float] = time.monotonic,
                  on_finish: Callable[[Job], None] | None = None,
                  switcher: Callable[[str, str], None] | None = None,
-                 on_switch: Callable[[str, dict], None] | None = None):
+                 on_switch: Callable[[str, dict], None] | None = None,
+                 decide: Callable[[str, GateView, SwitchCosts], str | None] | None = None):
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # a grant may have become possible
         self._idle = threading.Condition(self._lock)   # no job is in flight
@@ -239,6 +235,8 @@ class Scheduler:
                           for b in backends}
         self._switcher = switcher or (lambda backend, action: None)
         self._on_switch = on_switch
+        self._decide = decide or policies.decide      # injectable: a test's failing policy
+        self._fault: str | None = None     # the last dispatch pass that raised, until one passes again
         self._costs = {g.name: SwitchCosts(seed_s=g.switch_cost_s) for g in gates}
         self._queues: dict[str, list[_Level]] = {}
         for b in self._backends.values():
@@ -291,6 +289,9 @@ class Scheduler:
                 self._finish_locked(job, Outcome.REJECTED, error)
         self._notify_finished(queued)
         return len(queued)
+
+    def is_exclusive(self, gate: str) -> bool:
+        return self._gates[gate].exclusive
 
     def busy(self, backend: str) -> bool:
         """Whether a backend has work in flight or waiting (idle unload must not happen then)."""
@@ -706,13 +707,15 @@ class Scheduler:
         """Decide whether an exclusive gate keeps serving its resident model or switches (drain first)."""
         if gate.switching:
             return None
+        if gate.order is not None:
+            return self._run_order_locked(gate, now)
         models = self._gate_models_locked(gate)
         waiting = tuple(Waiting(j.model, self._effective(j, now), j.seq, j.enqueued_at)
                         for m in models for q in self._queues[m] for j in q)
         view = GateView(now=now, resident=gate.resident, inflight=gate.inflight,
                         resident_since=gate.resident_since, served_since_switch=gate.served_since_switch,
                         waiting=waiting, max_wait_s=gate.config.max_wait_s, min_active_s=gate.config.min_active_s)
-        target = decide(gate.config.policy, view, self._costs[gate.name]) if waiting else None
+        target = self._decide(gate.config.policy, view, self._costs[gate.name]) if waiting else None
         if target is None or target == gate.resident:
             gate.drain_target = gate.drain_started = None   # nothing to switch to (a cancel can end a drain)
             return next_deadline(view, self._costs[gate.name]) if waiting else None
@@ -740,80 +743,211 @@ class Scheduler:
         for hook in hooks:
             hook()
 
-    def _start_switch_locked(self, gate: Gate, target: str, now: float) -> None:
+    def _run_order_locked(self, gate: Gate, now: float) -> float | None:
+        """An operator's order overrides the policy: drain the resident if the order takes it down, then
+        switch. Returns when to look again (the drain timeout), or None."""
+        order = gate.order
+        if order.target is not None or order.evict == gate.resident:
+            if gate.inflight:
+                if gate.drain_started is None:
+                    gate.drain_started = now
+                deadline = gate.drain_started + gate.config.drain_timeout_s
+                if now < deadline:
+                    return deadline
+                self._abort_gate_locked(gate, errors.Unavailable(
+                    f"cancelled after {gate.config.drain_timeout_s:g}s: an operator took model {gate.resident!r} "
+                    f"off gate {gate.name!r} (drain_timeout_s); retry", retry_after=1))
+                return None
+        self._start_switch_locked(gate, order.target, now, order)
+        return None
+
+    def _start_switch_locked(self, gate: Gate, target: str | None, now: float,
+                             order: SwitchOrder | None = None) -> None:
         old = gate.resident
         gate.switching = True
+        gate.order = None                 # it travels with the switch thread now
         drain_s = now - gate.drain_started if gate.drain_started is not None else 0.0
         gate.drain_target = gate.drain_started = None
-        sleepers = [b.name for b in self._backends.values() if b.gate is gate and target not in b.models
-                    and (old is None or old in b.models)]
-        wakers = [b.name for b in self._backends.values() if b.gate is gate and target in b.models]
-        threading.Thread(target=self._switch, args=(gate, old, target, sleepers, wakers, drain_s),
+        mine = [b for b in self._backends.values() if b.gate is gate]
+        if target is not None:
+            sleepers = [b.name for b in mine if target not in b.models and (old is None or old in b.models)]
+            wakers = [b.name for b in mine if target in b.models]
+        else:                             # evict: its backends go down, unless one also serves the resident
+            sleepers = [b.name for b in mine if order.evict in b.models
+                        and (old is None or old == order.evict or old not in b.models)]
+            wakers = []
+        how = order.how if order is not None else "sleep"
+        threading.Thread(target=self._switch, args=(gate, old, target, sleepers, wakers, drain_s, how, order),
                          name=f"sluice-switch-{gate.name}", daemon=True).start()
 
-    def _switch(self, gate: Gate, old: str | None, target: str, sleepers: list[str], wakers: list[str],
-                drain_s: float) -> None:
-        """Runs off the dispatcher: take the old model down, bring the new one up, then hand the gate back."""
-        t0 = self._clock()
-        phases = {"from": old, "to": target, "drain_s": round(drain_s, 3)}
-        failure = None
+    def _take_down(self, gate: Gate, sleepers: list[str], how: str) -> str | None:
+        """Put every sleeper to sleep (or stop it); None once each is verified asleep or gone, else why not.
+        A failed sleep falls back to "stop", which for a server sluice does not run means: seen asleep
+        (`/is_sleeping`) or gone. Anything else leaves it possibly awake, so the switch must not wake another."""
         for name in sleepers:
             try:
-                self._switcher(name, "sleep")
+                self._switcher(name, how)
+                continue
             except Exception as e:
+                if how != "sleep":
+                    return f"{how} {name} failed: {e}"
                 log.warning("gate %s: sleeping %s failed (%s); stopping it instead", gate.name, name, e)
-                try:
-                    self._switcher(name, "stop")
-                except Exception as e2:
-                    log.error("gate %s: stopping %s failed too: %s", gate.name, name, e2)
-        t1 = self._clock()
-        for name in wakers:
+                first = e
             try:
-                self._switcher(name, "wake")
-            except Exception as e:
-                failure = f"waking {name} failed: {e}"
-                break
-        t2 = self._clock()
-        phases.update(sleep_s=round(t1 - t0, 3), wake_s=round(t2 - t1, 3), result="ok" if not failure else "failed")
+                self._switcher(name, "stop")
+            except Exception as e2:
+                return f"putting {name} to sleep failed ({first}) and it is neither stopped nor seen asleep ({e2})"
+        return None
+
+    def _switch(self, gate: Gate, old: str | None, target: str | None, sleepers: list[str], wakers: list[str],
+                drain_s: float, how: str = "sleep", order: SwitchOrder | None = None) -> None:
+        """Runs off the dispatcher: take the old model down, bring the new one up, then hand the gate back.
+        Whatever happens here (a bug included), the gate is handed back and waiting jobs are answered."""
+        t0 = t1 = t2 = self._clock()
+        phases = {"from": old, "to": target, "drain_s": round(drain_s, 3)}
+        failure = aborted = None
+        try:
+            aborted = self._take_down(gate, sleepers, how)
+            t1 = self._clock()
+            if aborted is None:
+                for name in wakers:
+                    try:
+                        self._switcher(name, "wake")
+                    except Exception as e:
+                        failure = f"waking {name} failed: {e}"
+                        break
+            t2 = self._clock()
+        except Exception as e:        # a bug in the switch itself: fail safe (the old model may be awake)
+            log.exception("gate %s: switch %s -> %s crashed", gate.name, old, target)
+            aborted = f"the switch crashed: {e!r}"
+        result = "aborted" if aborted else "failed" if failure else "ok"
+        phases.update(sleep_s=round(t1 - t0, 3), wake_s=round(t2 - t1, 3), result=result)
         failed: list[Job] = []
-        with self._lock:
-            gate.switching = False
-            gate.last_switch = phases
-            stale = gate.name in self._stale_switch
-            self._stale_switch.discard(gate.name)
-            if failure is None:
+        try:
+            with self._lock:
+                self._hand_back_locked(gate, old, target, wakers, order, phases, failure, aborted, t0, t2, failed)
+            if aborted:
+                log.error("gate %s: switch %s -> %s aborted, %s stays loaded: %s", gate.name, old, target, old,
+                          aborted)
+            elif failure:
+                log.error("gate %s: switch %s -> %s failed: %s", gate.name, old, target, failure)
+            else:
+                log.info("gate %s: switched %s -> %s (drain %.2fs, sleep %.2fs, wake %.2fs)", gate.name, old,
+                         target, drain_s, t1 - t0, t2 - t1)
+            if self._on_switch is not None:
+                try:
+                    self._on_switch(gate.name, phases)
+                except Exception:
+                    log.exception("gate %s: on_switch callback failed", gate.name)
+        finally:
+            self._notify_finished(failed)
+            if order is not None:
+                if order.result is None and order.error is None:
+                    order.error = errors.Unavailable("the switch ended without a result; see the log")
+                order.done.set()
+
+    def _hand_back_locked(self, gate: Gate, old, target, wakers, order, phases, failure, aborted,
+                          t0: float, t2: float, failed: list[Job]) -> None:
+        gate.switching = False
+        gate.last_switch = phases
+        stale = gate.name in self._stale_switch
+        self._stale_switch.discard(gate.name)
+        err = None
+        if aborted:
+            # Nothing was woken: the old model stays resident. The target's waiting jobs are answered now.
+            gate.switch_failures += 1
+            err = errors.Unavailable(f"model {target or order.evict!r} was not switched: {aborted}; "
+                                     f"{old!r} stays loaded; retry later", retry_after=5)
+        elif failure is None:
+            if target is not None:
                 gate.resident, gate.resident_since, gate.served_since_switch = target, t2, 0
-                if stale:      # the model table changed under the switch: the next grant switches afresh
-                    gate.resident = None
                 gate.switches += 1
                 for name in wakers:
                     self._backends[name].health = Health.READY
                 self._costs[gate.name].observe(old, target, t2 - t0)
-            else:
-                # Nothing is awake now; fail this model's waiting jobs fast so the next model can go.
+            elif order is not None and old == order.evict:
                 gate.resident = None
-                gate.switch_failures += 1
-                err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",
-                                         retry_after=5)
-                for job in [j for q in self._queues[target] for j in q]:
-                    failed.append(job)
-                    self._finish_locked(job, Outcome.ERROR, err)
-            self._work.notify()
-        if failure:
-            log.error("gate %s: switch %s -> %s failed: %s", gate.name, old, target, failure)
+            if stale:      # the model table changed under the switch: the next grant switches afresh
+                gate.resident = None
         else:
-            log.info("gate %s: switched %s -> %s (drain %.2fs, sleep %.2fs, wake %.2fs)", gate.name, old, target,
-                     drain_s, t1 - t0, t2 - t1)
-        if self._on_switch is not None:
-            self._on_switch(gate.name, phases)
-        self._notify_finished(failed)
+            # Nothing is awake now; fail this model's waiting jobs fast so the next model can go.
+            gate.resident = None
+            gate.switch_failures += 1
+            err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",
+                                     retry_after=5)
+        if err is not None and target is not None:
+            for job in [j for q in self._queues[target] for j in q]:
+                failed.append(job)
+                self._finish_locked(job, Outcome.ERROR, err)
+        if order is not None:
+            order.result, order.error = dict(phases, resident=gate.resident), err
+        self._work.notify()
 
     def _dispatch_loop(self) -> None:
         with self._lock:
             while not self._stopping:
-                due = self._dispatch_locked()
-                timeout = None if due is None else max(0.0, due - self._clock())
+                try:
+                    due = self._dispatch_locked()
+                    timeout = None if due is None else max(0.0, due - self._clock())
+                    self._fault = None
+                except Exception as e:
+                    # One bad pass must not end every grant: log it, say so in health, look again soon.
+                    log.exception("dispatcher: a dispatch pass failed; retrying in 1s")
+                    self._fault = f"a dispatch pass failed: {e!r}"
+                    timeout = 1.0
                 self._work.wait(timeout)
+
+    # ---- switching on demand (operators) ----------------------------------------------------------
+    def switch_now(self, gate: str, target: str | None, *, evict: str | None = None, how: str = "sleep",
+                   timeout: float = 600.0) -> dict:
+        """Make `target` the resident model of exclusive `gate` (or, with target None, take `evict` off it,
+        `how` = "sleep" or "stop") through the same drain -> sleep -> wake path as a request-driven switch.
+        Blocks until done. Raises Conflict while another switch runs or is ordered, Unavailable when it
+        failed, was aborted or did not finish within `timeout`."""
+        with self._lock:
+            g = self._gates[gate]
+            if not g.exclusive:
+                raise ValueError(f"gate {gate!r} is not exclusive")
+            if g.switching or g.order is not None:
+                raise errors.Conflict(f"a model switch is running on gate {gate!r}; retry when it ends")
+            if target is not None and target == g.resident:
+                return {"from": target, "to": target, "result": "ok", "resident": target}
+            order = g.order = SwitchOrder(target, evict, how)
+            self._work.notify()
+        if not order.done.wait(timeout):
+            raise errors.Unavailable(f"the switch on gate {gate!r} is still running after {timeout:g}s; "
+                                     "see /admin/status", retry_after=5)
+        if order.error is not None:
+            raise order.error
+        return order.result
+
+    def dispatch_once(self) -> float | None:
+        """One dispatch pass, as the dispatcher thread makes it (for tests driving an injected clock).
+        Returns when a time-based decision is next due, or None."""
+        with self._lock:
+            return self._dispatch_locked()
+
+    def dispatcher_problem(self) -> str | None:
+        """Why grants may not be made (the dispatcher thread died, or its last pass raised); None when fine."""
+        t = self._thread
+        if t is not None and not t.is_alive() and not self._stopping:
+            return "the dispatcher thread is not running; queued requests are not granted (see the log)"
+        return self._fault
+
+    def service_cost(self, gate: str, model: str) -> float:
+        """The gate's current estimate of one job's service seconds for `model` (measured EMA, else seeded)."""
+        with self._lock:
+            return self._costs[gate].service(model)
+
+    def active(self) -> list[Job]:
+        """The jobs granted and not yet finished, in grant order."""
+        with self._lock:
+            return list(self._active)
+
+    def switch_cost(self, gate: str, frm: str | None, to: str) -> float:
+        """The gate's current estimate of a switch's seconds (measured EMA, else the configured guess)."""
+        with self._lock:
+            return self._costs[gate].get(frm, to)
 
     # ---- reading ----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -835,6 +969,7 @@ class Scheduler:
                                  "gate": j.gate, "elapsed_s": round(now - (j.granted_at or now), 3)}
                                 for j in self._active],
                 "gates": {g.name: g.view() for g in self._gates.values()},
+                "dispatcher": self.dispatcher_problem(),
                 "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
                                       "gate": b.gate.name, "current": b.current, "models": sorted(b.models)}
                              for b in self._backends.values()},

@@ -34,6 +34,7 @@ log = logging.getLogger("sluice.server")
 __all__ = ["ClientGone", "Handler", "Headers", "Route", "Routes", "Server", "compact_json"]
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_REASONS = {529: ("Overloaded",)}     # Anthropic's "try again later"; not in http.server's table
 MAX_JSON_DEPTH = 64
 LINGER_S = 5.0                  # after answering a request whose body is left unread: read and drop this long
 LINGER_BYTES = 64 << 20         # ... and at most this much, so the client can finish sending and read the answer
@@ -288,7 +289,8 @@ class Handler(BaseHTTPRequestHandler):
         if b is not None and not b.done and (self.close_connection or not b.discard()):
             self.close_connection = self.linger = True
         extra = {**self.extra_headers, **headers} if headers else self.extra_headers
-        head = f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n{lines}X-Request-Id: {self.request_id}\r\n"
+        reason = self.responses.get(status, _REASONS.get(status, ("",)))[0]
+        head = f"HTTP/1.1 {status} {reason}\r\n{lines}X-Request-Id: {self.request_id}\r\n"
         head += "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
         if self.close_connection:
             head += "Connection: close\r\n"

@@ -14,7 +14,9 @@ import sys
 import time
 
 from sluice import errors
+from sluice.backends import BackendOps, process_spec, upstream_url
 from sluice.config import Settings
+from sluice.supervisor import Supervisor
 from sluice.upstream import Upstream, json_body
 
 
@@ -43,44 +45,38 @@ def probe_request(up: Upstream, model_id: str, timeout: float = 300.0) -> str:
 
 
 def run(settings: Settings, model_name: str, levels: list[int], out=sys.stdout) -> int:
-    from sluice.app import App
+    """Builds only the model's backend (its upstream, its process if sluice runs it): no HTTP server, so it
+    runs beside the daemon it validates."""
     model = next((m for m in settings.models if model_name in (m.name, *m.aliases)), None)
     if model is None:
         print(f"sluice validate: unknown model {model_name!r}; known: {', '.join(settings.model_names()[:-1])}",
               file=sys.stderr)
         return 2
-    app = App(settings)
-    backend = model.backends[0]
-    cfg = app._backend_cfg[backend]
-    up = app.upstreams[backend]
-    managed = app.supervisor.get(backend) if app.supervisor and backend in app.supervisor else None
-    method = managed.spec.sleep_method if managed else cfg.switch
+    cfg = next(b for b in settings.backends if b.name == model.backends[0])
+    spec = process_spec(cfg, settings) if cfg.managed else None
+    up = Upstream(cfg.name, upstream_url(cfg, spec), cfg.api_key)
+    supervisor = Supervisor([spec], settings.state_dir) if spec is not None else None
+    ops = BackendOps({cfg.name: cfg}, {cfg.name: up}, supervisor)
+    method = spec.sleep_method if spec is not None else cfg.switch
     rows = []
     try:
-        if app.supervisor:
-            app.supervisor.start()
-        if managed:
-            managed.ensure_ready(cfg.start_timeout_s)
+        if supervisor is not None:
+            supervisor.start()
+            ops.wake(cfg.name)
         baseline = probe_request(up, model.upstream_model)
         plan = [(f"L{lv}", lv) for lv in levels] if method.startswith("vllm-sleep") else [("stop", 0)]
         for label, level in plan:
             row = {"level": label, "sleep_s": None, "wake_s": None, "mem_before": gpu_memory_mib(),
                    "mem_after": "n/a", "mem_wake": "n/a", "match": "-", "pass": False, "error": ""}
             try:
+                if not level and supervisor is None:
+                    raise RuntimeError(f"backend {cfg.name!r} has no sleep method and is not run by sluice")
                 t0 = time.monotonic()
-                if level:
-                    up.vllm_sleep(level)
-                elif managed:
-                    managed.stop()
-                else:
-                    raise RuntimeError(f"backend {backend!r} has no sleep method and is not run by sluice")
+                ops.sleep_level(cfg.name, level) if level else ops.stop(cfg.name)
                 row["sleep_s"] = time.monotonic() - t0
                 row["mem_after"] = gpu_memory_mib()
                 t1 = time.monotonic()
-                if level:
-                    up.vllm_wake(level)
-                else:
-                    managed.ensure_ready(cfg.start_timeout_s)
+                ops.wake_level(cfg.name, level) if level else ops.wake(cfg.name)
                 row["wake_s"] = time.monotonic() - t1
                 row["mem_wake"] = gpu_memory_mib()
                 again = probe_request(up, model.upstream_model)
@@ -93,8 +89,9 @@ def run(settings: Settings, model_name: str, levels: list[int], out=sys.stdout) 
         print(f"sluice validate: {model_name}: could not get a first answer: {e}", file=sys.stderr)
         return 1
     finally:
-        if app.supervisor:
-            app.supervisor.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        up.close()
     print(table(model_name, rows), file=out)
     return 0 if rows and all(r["pass"] for r in rows) else 1
 

@@ -59,6 +59,7 @@ class FakeBackend:
         self.sleeping = False                 # vLLM sleep mode
         self.control_calls: list[tuple[float, str]] = []   # (time, "POST /sleep?level=1"), in order
         self.fail_control: set[str] = set()   # paths (without query) that answer 500
+        self.hang_control: set[str] = set()   # paths (without query) that answer only after release_control()
         self.shared_log: list | None = None   # several fakes can share one log to check cross-server order
         self.reply_after_wake: str | None = None   # answer differently once woken (a broken wake)
         self.woken = False
@@ -139,6 +140,12 @@ class FakeBackend:
             self._released += n
             self._cond.notify_all()
 
+    def release_control(self) -> None:
+        """Let the control calls held by `hang_control` answer."""
+        with self._cond:
+            self.hang_control.clear()
+            self._cond.notify_all()
+
     def release_all(self) -> None:
         """Let every held request and all later ones through."""
         with self._cond:
@@ -202,6 +209,9 @@ class FakeBackend:
                 self.shared_log.append((self.model, entry[1]))
             if self.current and path.startswith("/sleep"):
                 self.violations.append(f"put to sleep with {self.current} request(s) in flight")
+        with self._cond:
+            while path.split("?")[0] in self.hang_control and not self._stopping:
+                self._cond.wait()
         if path.split("?")[0] in self.fail_control:
             return h._json(500, {"error": "control failed"})
         if path.startswith("/sleep"):

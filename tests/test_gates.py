@@ -7,6 +7,7 @@ thread, so the tests wait on the switch-finished callback (an Event), never on t
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,20 +55,18 @@ class Rig:
         self.switched.release()
 
     def dispatch(self, expect_switch: bool = False) -> None:
-        with self.s._lock:
-            self.s._dispatch_locked()
+        self.s.dispatch_once()
         if expect_switch:
             assert self.switched.acquire(timeout=5), "no switch happened"
-            with self.s._lock:
-                self.s._dispatch_locked()
+            self.s.dispatch_once()
 
     def submit(self, model, **kw) -> Job:
         job = Job(model, **kw)
         self.s.submit(job)
         return job
 
-    def gate(self):
-        return self.s._gates["gpu"]
+    def gate(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.s.snapshot()["gates"]["gpu"])
 
 
 def granted(*jobs):
@@ -104,18 +103,17 @@ def test_drain_before_switch_and_new_a_jobs_wait_not_503():
 
 def test_finished_jobs_feed_the_measured_service_time_to_cost_aware():
     r = Rig(policy="cost-aware")
-    costs = r.s._costs["gpu"]
-    seeded = costs.service("a")
+    seeded = r.s.service_cost("gpu", "a")
     a1 = r.submit("a")
     r.dispatch(expect_switch=True)
     r.clock.t += 7.0
     r.s.finish(a1, Outcome.OK)
-    assert costs.service("a") == 7.0 != seeded        # the first measurement replaces the guess
+    assert r.s.service_cost("gpu", "a") == 7.0 != seeded        # the first measurement replaces the guess
     a2 = r.submit("a")
     r.dispatch()
     r.clock.t += 3.0
     r.s.finish(a2, Outcome.ERROR)                      # a failed job says nothing about service time
-    assert costs.service("a") == 7.0
+    assert r.s.service_cost("gpu", "a") == 7.0
 
 
 def test_a_failed_backend_on_an_exclusive_gate_is_refused_without_a_switch():
@@ -154,7 +152,7 @@ def test_sleep_failure_escalates_to_stop():
     r.submit("a")
     r.dispatch(expect_switch=True)
     r.switcher.fail.add(("A", "sleep"))
-    a1 = next(iter(r.s._active))
+    a1 = next(iter(r.s.active()))
     b1 = r.submit("b")
     r.s.finish(a1, Outcome.OK)
     r.dispatch(expect_switch=True)
@@ -208,19 +206,17 @@ def drive(r: Rig) -> list[str]:
     """Serve everything: finish the running job (1 s each), dispatch, wait out switches. Grant order."""
     order = []
     while True:
-        running = list(r.s._active)
+        running = list(r.s.active())
         for j in running:
             order.append(j.model)
             r.clock.t += 1
             r.s.finish(j, Outcome.OK)
-        with r.s._lock:
-            r.s._dispatch_locked()
-        if not r.s._active:
+        r.s.dispatch_once()
+        if not r.s.active():
             if r.s.snapshot()["pending"] == 0:
                 return order
             assert r.switched.acquire(timeout=5), "stuck: nothing running, nothing switching"
-            with r.s._lock:
-                r.s._dispatch_locked()
+            r.s.dispatch_once()
 
 
 def test_anti_thrash_interleaved_arrivals_cost_at_most_two_switches():
@@ -251,8 +247,7 @@ def test_b_is_not_starved_behind_steady_overlapping_a_beyond_max_wait():
         r.clock.t += 1
         r.s.finish(running.pop(0), Outcome.OK)
         running.append(r.submit("a"))
-        with r.s._lock:
-            r.s._dispatch_locked()
+        r.s.dispatch_once()
         if r.gate().state == "draining":
             break
     # overdue after max_wait_s, and within it of the resident's own oldest job: 2 x max_wait_s at most

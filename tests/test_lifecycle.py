@@ -219,7 +219,7 @@ def test_reload_adds_removes_and_changes_models_without_dropping_queued_or_infli
     one.release_all()
     for t in threads:
         t.join(5)
-    assert results["inflight"][0] == 200 and results["inflight"][2]["model"] == "keep-v1"   # finished as it began
+    assert results["inflight"][0] == 200 and one.arrivals[0]["model"] == "keep-v1"         # finished as it began
     status, _, body = results["doomed"]
     assert status == 200 and body["result"] == "echo: doomed"
     assert [a["model"] for a in one.arrivals] == ["keep-v1", "doomed-v1"]

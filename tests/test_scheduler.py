@@ -32,8 +32,7 @@ def grant_order(s: Scheduler, jobs: list[Job]) -> list[str]:
     """Finish the running job repeatedly, dispatching each time, and return the order of grants."""
     order = []
     for _ in range(len(jobs)):
-        with s._lock:
-            s._dispatch_locked()
+        s.dispatch_once()
         running = [j for j in jobs if j.state is JobState.GRANTED]
         assert len(running) == 1
         order.append(running[0].id)
@@ -85,9 +84,8 @@ def test_stream_of_high_priority_work_cannot_starve_a_low_one():
         clock.t += 1
         s.submit(Job("a", priority=0, id=f"hi{i}"))
         s.finish(running, Outcome.OK)
-        with s._lock:
-            s._dispatch_locked()
-        running = next(j for j in s._active)
+        s.dispatch_once()
+        running = next(j for j in s.active())
         if running.id == "low":
             break
         served_before_low += 1
@@ -163,8 +161,7 @@ def test_slots_bound_inflight_and_double_finish_frees_nothing_twice():
     first = next(j for j in jobs if j.state is JobState.GRANTED)
     s.finish(first, Outcome.OK)
     s.finish(first, Outcome.OK)  # second release must not free another job's slot
-    with s._lock:
-        s._dispatch_locked()
+    s.dispatch_once()
     assert sum(j.state is JobState.GRANTED for j in jobs) == 2
     assert s.snapshot()["gates"]["gpu"]["inflight"] == 2
 
@@ -195,9 +192,8 @@ def test_counters_add_up_at_every_step():
     check()
     s.finish(jobs[0], Outcome.OK)
     check()
-    with s._lock:
-        s._dispatch_locked()
-    running = next(iter(s._active))
+    s.dispatch_once()
+    running = next(iter(s.active()))
     s.finish(running, Outcome.ERROR, errors.BadGateway("x"))
     check()
     assert s.totals == {"received": 6, "served": 1, "rejected": 2, "timed_out": 1, "cancelled": 1, "failed": 1}
@@ -221,8 +217,7 @@ def test_pending_backend_holds_jobs_until_ready():
     s.submit(job)
     assert job.state is JobState.QUEUED
     s.set_health("b1", Health.READY)
-    with s._lock:
-        s._dispatch_locked()
+    s.dispatch_once()
     assert job.state is JobState.GRANTED
 
 
@@ -339,8 +334,7 @@ def pool(clock=None):
 
 
 def dispatch(s: Scheduler) -> None:
-    with s._lock:
-        s._dispatch_locked()
+    s.dispatch_once()
 
 
 def test_set_models_moves_queued_jobs_to_a_backend_that_still_serves_them():

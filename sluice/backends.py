@@ -1,0 +1,207 @@
+"""BackendOps: the one owner of every backend action (load, unload, sleep, wake, stop).
+
+Nothing else calls the supervisor's lifecycle actions or vLLM's sleep API: the scheduler's switch
+thread (through `switch`), admin's `POST /admin/models/{name}/...` (through `model_action`) and
+`sluice validate` all come here. On an exclusive gate an admin action is not run here directly: it is
+handed to the scheduler (`Scheduler.switch_now`), which drains, switches and records exactly as for a
+request-driven switch, and calls back into `switch` from its switch thread.
+
+Every action raises on failure. `stop` of a server sluice does not run cannot stop it: it succeeds only
+when the server is verifiably asleep (`GET /is_sleeping`) or gone (connection refused), so a switch
+never wakes the next model beside one still awake.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import subprocess
+import time
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from sluice import errors
+from sluice.config import ConfigError
+from sluice.supervisor import ProcessSpec, ram_tier_idle_s, spec_for
+
+if TYPE_CHECKING:
+    from sluice.config import BackendConfig, Settings
+    from sluice.supervisor import Supervisor
+    from sluice.upstream import Upstream
+
+log = logging.getLogger("sluice.backends")
+
+ACTIONS = ("load", "unload", "sleep", "wake")
+_DOWN_STATES = ("sleeping", "stopped", "failed")      # no process of it holds the GPU
+
+
+def process_spec(b: "BackendConfig", settings: "Settings") -> ProcessSpec:
+    """How sluice runs a managed backend (`engine`/`command` in its [[backends]] table)."""
+    idle = b.idle_unload_s if b.idle_unload_s is not None else ram_tier_idle_s()
+    extra = {"health_path": b.health_path} if b.health_path else {}
+    try:
+        return spec_for(b.name, model=b.model_path, engine=b.engine, command=b.command, port=b.port,
+                        log_dir=settings.log_dir, env=dict(b.env), start=b.start,
+                        start_timeout_s=b.start_timeout_s, stop_timeout_s=b.stop_timeout_s,
+                        start_retries=b.start_retries, unhealthy_after=b.unhealthy_after,
+                        sleep_timeout_s=b.sleep_timeout_s, idle_unload_s=idle or None, probe_interval_s=settings.health_interval_s, **extra)
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith("backends.") else f"backends.{b.name}: {e}") from None
+
+
+def upstream_url(b: "BackendConfig", spec: ProcessSpec | None) -> str:
+    return f"http://127.0.0.1:{spec.port}/v1" if spec is not None else b.url
+
+
+class BackendOps:
+    """`configs`: backend name -> BackendConfig; `upstreams`: name -> Upstream; `supervisor`: the managed
+    processes (None when sluice runs none)."""
+
+    def __init__(self, configs: Mapping[str, "BackendConfig"], upstreams: Mapping[str, "Upstream"],
+                 supervisor: "Supervisor | None" = None):
+        self._configs = dict(configs)
+        self._upstreams = upstreams
+        self.supervisor = supervisor
+
+    def reconfigure(self, configs: Mapping[str, "BackendConfig"]) -> None:
+        self._configs = dict(configs)      # one assignment: readers see the old table or the new one
+
+    def config(self, backend: str) -> "BackendConfig":
+        return self._configs[backend]
+
+    def gate_of(self, backend: str) -> str:
+        return self._configs[backend].gate
+
+    def managed(self, backend: str) -> bool:
+        return self.supervisor is not None and backend in self.supervisor
+
+    # ---- the scheduler's switcher: sleep | stop | wake ------------------------------------------------------
+    def switch(self, backend: str, action: str) -> None:
+        """Take a backend's model off the GPU ("sleep", "stop") or bring it back ("wake"); raises on failure.
+        A "stop" of a server sluice does not run verifies it is asleep or gone instead."""
+        {"sleep": self.sleep, "stop": self.stop, "wake": self.wake}[action](backend)
+
+    def wake(self, backend: str) -> None:
+        cfg = self._configs[backend]
+        if self.managed(backend):
+            self.supervisor.get(backend).ensure_ready(cfg.start_timeout_s)
+        elif cfg.switch == "command":
+            self._run(cfg.wake_cmd, cfg.sleep_timeout_s)
+        elif cfg.switch.startswith("vllm-sleep-"):
+            self.wake_level(backend, int(cfg.switch[-1]))
+
+    def sleep(self, backend: str) -> None:
+        cfg = self._configs[backend]
+        if self.managed(backend):
+            managed = self.supervisor.get(backend)
+            state = managed.sleep()        # a failed sleep escalates to stop inside
+            if state.value not in _DOWN_STATES and managed.spec.sleep_method != "none":
+                raise errors.Unavailable(f"backend {backend!r} did not go to sleep (it is {state.value})",
+                                         retry_after=5)
+        elif cfg.switch == "command":
+            self._run(cfg.sleep_cmd, cfg.sleep_timeout_s)
+        elif cfg.switch.startswith("vllm-sleep-"):
+            self.sleep_level(backend, int(cfg.switch[-1]))
+
+    def sleep_level(self, backend: str, level: int) -> None:
+        """vLLM's sleep mode at `level`, each call bounded by the backend's sleep_timeout_s."""
+        self._upstreams[backend].vllm_sleep(level, timeout=self._configs[backend].sleep_timeout_s)
+
+    def wake_level(self, backend: str, level: int) -> None:
+        self._upstreams[backend].vllm_wake(level, timeout=self._configs[backend].sleep_timeout_s)
+
+    def stop(self, backend: str) -> None:
+        cfg = self._configs[backend]
+        if self.managed(backend):
+            managed = self.supervisor.get(backend)
+            managed.stop()
+            if managed.state.value != "stopped":
+                raise errors.Unavailable(f"backend {backend!r} could not be stopped (it is {managed.state.value})",
+                                         retry_after=5)
+        elif cfg.switch == "command":
+            self._run(cfg.sleep_cmd, cfg.sleep_timeout_s)     # no process to stop: the sleep command again
+        elif cfg.switch.startswith("vllm-sleep-"):
+            why = self.awake_reason(backend)
+            if why is not None:
+                raise errors.Unavailable(f"backend {backend!r} is not run by sluice, so it cannot be stopped, "
+                                         f"and {why}", retry_after=5)
+        else:
+            raise errors.Conflict(f"backend {backend!r} is not run by sluice and has no sleep method, so it "
+                                  "cannot be stopped")
+
+    def awake_reason(self, backend: str, timeout: float = 5.0, tries: int = 5) -> str | None:
+        """None when a vLLM-style server is verifiably asleep (`GET /is_sleeping`) or gone (connection
+        refused); else why it must be taken as still awake. A server killed a moment ago may reset the
+        connection while its socket closes: that is asked again, a few times, before it counts as awake."""
+        why = "no answer"
+        for attempt in range(tries):
+            if attempt:
+                time.sleep(0.2)
+            try:
+                status, body = self._get(backend, "/is_sleeping", timeout)
+            except ConnectionRefusedError:
+                return None                                # nothing listens: the server is gone
+            except (OSError, http.client.HTTPException) as e:
+                why = f"GET /is_sleeping failed ({e})"
+                continue
+            try:
+                asleep = status == 200 and json.loads(body).get("is_sleeping") is True
+            except (ValueError, AttributeError):
+                asleep = False
+            return None if asleep else f"GET /is_sleeping says it is awake (HTTP {status}: {body[:100]!r})"
+        return why
+
+    def _get(self, backend: str, path: str, timeout: float) -> tuple[int, bytes]:
+        up = self._upstreams[backend]
+        conn = http.client.HTTPConnection(up.host, up.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _run(argv, timeout: float) -> None:
+        try:
+            r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{argv[0]} did not finish within sleep_timeout_s={timeout:g}s") from None
+        if r.returncode != 0:
+            raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr[-300:].decode(errors='replace')}")
+
+    # ---- admin: one model's backends ------------------------------------------------------------------------
+    def model_action(self, model: str, backends, action: str, scheduler) -> dict:
+        """`POST /admin/models/{name}/{action}` for the backends that serve `model`.
+
+        On an exclusive gate it is the scheduler's switch (`switch_now`): load/wake = "make this model
+        resident" (drain the current one, sleep it, wake this one), sleep/unload = "take it off the GPU"
+        (drain first) — never two models awake, no stream cut. On a shared gate a backend with requests in
+        flight is not put down under them: 409, retry when they are done."""
+        if action not in ACTIONS:
+            raise errors.NotFound(f"unknown action {action!r}; use load, unload, sleep or wake")
+        for b in backends:
+            cfg = self._configs[b]
+            if not self.managed(b) and cfg.switch == "none":
+                raise errors.Conflict(f"backend {b!r} is not run by sluice and has no sleep method, so it cannot "
+                                      f"{action}; give it an engine/command or switch = \"vllm-sleep-1\"")
+        up = action in ("load", "wake")
+        switched, gates = [], []
+        for b in backends:
+            gate = self.gate_of(b)
+            if scheduler.is_exclusive(gate):
+                if gate not in gates:
+                    gates.append(gate)
+                    switched.append(scheduler.switch_now(gate, model if up else None, evict=None if up else model,
+                                                         how=self._down(backends, action)))
+                continue
+            if not up and scheduler.busy(b):
+                raise errors.Conflict(f"backend {b!r} has requests in flight or queued; {action} it when they "
+                                      "are done (POST /admin/drain stops new ones)")
+            self.switch(b, "wake" if up else self._down([b], action))
+        return {"model": model, "action": action, "backends": list(backends), "switches": switched}
+
+    def _down(self, backends, action: str) -> str:
+        """How `action` takes backends down: unload stops what sluice runs; a server it does not run can
+        only be put to sleep (its switch method)."""
+        return "stop" if action == "unload" and all(self.managed(b) for b in backends) else "sleep"
