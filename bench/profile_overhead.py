@@ -264,7 +264,7 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
     import timeit
     sys.path.insert(0, str(ROOT))
     from sluice import app as app_mod
-    from sluice import api, cli, config, scheduler, server, upstream
+    from sluice import api, config, daemon, scheduler, server, upstream
     d = work / "micro"
     d.mkdir(parents=True, exist_ok=True)
     lsock = socket.create_server(("127.0.0.1", 0))            # a backend URL that accepts connections
@@ -278,7 +278,7 @@ def micro(work: Path, n: int = 2000, repeat: int = 7) -> str:
     saved_err = sys.stderr
     sys.stderr = open(d / "stderr.log", "w")                  # the daemon's stderr handler, to a file
     try:
-        cli.setup_logging(settings.log_dir)
+        daemon.setup_logging(settings.log_dir)
         app = app_mod.App(settings)
     finally:
         err_file, sys.stderr = sys.stderr, saved_err

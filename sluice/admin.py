@@ -118,7 +118,7 @@ class Admin:
 
     def metrics(self, h: Handler) -> None:
         self.app.flush_records()
-        h.respond(200, self.app.metrics.registry.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        h.respond(200, self.app.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def dashboard(self, h: Handler) -> None:
         if self._dashboard is None:

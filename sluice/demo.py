@@ -193,7 +193,7 @@ def main(args) -> int:
         print("sluice demo needs mlx-lm: pip install -e '.[mlx]' (or pip install 'sluice-llm[mlx]')",
               file=sys.stderr)
         return 2
-    from sluice.cli import serve
+    from sluice.daemon import serve
     from sluice.tinymodel import build
     base = load(None)
     if args.port is not None:

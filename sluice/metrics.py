@@ -68,15 +68,6 @@ class Counter(_Metric):
         return [f"{self.name}{_labels(self.labels, k)} {_num(v)}" for k, v in items]
 
 
-class Gauge(Counter):
-    kind = "gauge"
-
-    def set(self, value: float, **labels) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-
 class GaugeFn(_Metric):
     """A gauge read at render time from `fn() -> [(label values tuple, value)]` (queue depth, states...)."""
     kind = "gauge"
@@ -142,9 +133,6 @@ class Registry:
     def counter(self, name, help, labels=()) -> Counter:
         return self._add(Counter(name, help, labels))
 
-    def gauge(self, name, help, labels=()) -> Gauge:
-        return self._add(Gauge(name, help, labels))
-
     def gauge_fn(self, name, help, labels, fn) -> GaugeFn:
         return self._add(GaugeFn(name, help, labels, fn))
 
@@ -162,9 +150,16 @@ class Registry:
 
 
 class SluiceMetrics:
-    """sluice's metric set. `status()` returns the admin status document the gauges are read from."""
+    """sluice's metric set. `status()` returns the admin status document the gauges are read from: once
+    per scrape (`render`), so every gauge shows the same moment."""
 
     def __init__(self, version: str, status: Callable[[], dict], uptime: Callable[[], float]):
+        self._status = status
+        self._doc: dict | None = None
+        self._rendering = threading.Lock()
+
+        def doc() -> dict:                   # the scrape's one document
+            return self._doc
         r = self.registry = Registry()
         self.requests = r.counter("sluice_requests_total", "Finished requests by outcome",
                                   ("model", "priority", "route", "outcome"))
@@ -178,28 +173,36 @@ class SluiceMetrics:
         self.phases = r.histogram("sluice_switch_phase_seconds", "Seconds per switch phase", ("gate", "phase"))
 
         def queue_depth():
-            doc = status()
-            depth = {(m, str(p)): 0 for m in [x["name"] for x in doc["models"]] for p in range(5)}
-            for j in doc["queue"]["jobs"]:
+            d = doc()
+            depth = {(m, str(p)): 0 for m in [x["name"] for x in d["models"]] for p in range(5)}
+            for j in d["queue"]["jobs"]:
                 depth[(j["model"], str(j["priority"]))] = depth.get((j["model"], str(j["priority"])), 0) + 1
             return depth.items()
 
         r.gauge_fn("sluice_queue_depth", "Jobs waiting", ("model", "priority"), queue_depth)
         r.gauge_fn("sluice_inflight", "Requests through each gate now", ("gate",),
-                   lambda: [((g["name"],), g["inflight"]) for g in status()["gates"]])
+                   lambda: [((g["name"],), g["inflight"]) for g in doc()["gates"]])
         r.gauge_fn("sluice_gate_slots", "Requests each gate lets through at once", ("gate",),
-                   lambda: [((g["name"],), g["slots"]) for g in status()["gates"]])
+                   lambda: [((g["name"],), g["slots"]) for g in doc()["gates"]])
         r.gauge_fn("sluice_backend_up", "1 when the backend can serve", ("backend",),
                    lambda: [((b["name"],), 1 if b["state"] in ("ready", "pending", "stopped", "sleeping") else 0)
-                            for b in status()["backends"]])
+                            for b in doc()["backends"]])
         states = ("pending", "ready", "down", "stopped", "starting", "sleeping", "stopping", "failed")
         r.gauge_fn("sluice_backend_state", "1 for the state each backend is in", ("backend", "state"),
                    lambda: [((b["name"], st), 1 if b["state"] == st else 0)
-                            for b in status()["backends"] for st in states])
+                            for b in doc()["backends"] for st in states])
         r.counter_fn("sluice_backend_restarts_total", "Restarts of managed backends", ("backend",),
-                     lambda: [((b["name"],), b.get("restarts") or 0) for b in status()["backends"]])
+                     lambda: [((b["name"],), b.get("restarts") or 0) for b in doc()["backends"]])
         r.gauge_fn("sluice_build_info", "sluice version", ("version",), lambda: [((version,), 1)])
         r.gauge_fn("sluice_uptime_seconds", "Seconds since sluice started", (), lambda: [((), uptime())])
+
+    def render(self) -> str:
+        with self._rendering:
+            self._doc = self._status()
+            try:
+                return self.registry.render()
+            finally:
+                self._doc = None
 
     def record(self, entry: dict, granted: bool) -> None:
         """One finished job (the request-log entry); `granted`: it reached a backend (it has a duration)."""

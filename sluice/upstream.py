@@ -301,9 +301,13 @@ class Upstream:
                     raise errors.QueueTimeout(f"connecting to backend {self.name!r} timed out") from None
                 raise errors.BadGateway(f"cannot connect to backend {self.name!r} at {self.url}: {e}") from None
         ex = Exchange(self, conn)
-        if on_open is not None:
-            on_open(ex)
-        ex.send(method, self.base_path + path, body, hdrs, deadline)
+        try:
+            if on_open is not None:
+                on_open(ex)        # raises Cancelled when the client left between grant and forward
+            ex.send(method, self.base_path + path, body, hdrs, deadline)
+        except BaseException:
+            ex.close()             # not read to its end: the connection is dropped, not pooled or leaked
+            raise
         return ex
 
     # ---- control (model switching) -------------------------------------------------------------------

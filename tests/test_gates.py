@@ -30,9 +30,13 @@ class Switcher:
     def __init__(self):
         self.calls: list[tuple[str, str]] = []
         self.fail: set[tuple[str, str]] = set()
+        self.takes: dict[str, float] = {}      # action -> seconds it takes on the rig's clock
+        self.clock = None
 
     def __call__(self, backend: str, action: str) -> None:
         self.calls.append((backend, action))
+        if action in self.takes:
+            self.clock.t += self.takes[action]
         if (backend, action) in self.fail:
             raise RuntimeError(f"{action} {backend} failed")
 
@@ -41,6 +45,7 @@ class Rig:
     def __init__(self, policy="fifo", slots=1, backends=None, mode="exclusive", **gate_kw):
         self.clock = Clock()
         self.switcher = Switcher()
+        self.switcher.clock = self.clock
         self.switched = threading.Semaphore(0)
         self.switches: list[dict] = []
         backends = backends or [BackendSpec("A", "gpu", frozenset({"a"})), BackendSpec("B", "gpu", frozenset({"b"})),
@@ -422,3 +427,25 @@ def test_model_moved_off_the_awake_backend_switches_afresh_after_the_drain():
     r.dispatch(expect_switch=True)
     assert ("A", "sleep") in r.switcher.calls and r.switcher.calls[-1] == ("B", "wake")
     assert a2.state is JobState.GRANTED and a2.backend == "B" and r.gate().resident == "a"
+
+
+def test_the_measured_switch_time_replaces_the_configured_guess_then_averages():
+    """The learned switch cost: what a switch took (on the injected clock) is what the policy sees next."""
+    r = Rig(policy="cost-aware", switch_cost_s=5.0)
+    assert r.s.switch_cost("gpu", None, "a") == 5.0
+    r.switcher.takes = {"wake": 12.0}
+    a1 = r.submit("a")
+    r.dispatch(expect_switch=True)
+    assert r.s.switch_cost("gpu", None, "a") == 12.0            # the first measurement replaces the guess
+    r.s.finish(a1, Outcome.OK)
+    r.switcher.takes = {"sleep": 1.0, "wake": 3.0}
+    b1 = r.submit("b")
+    r.dispatch(expect_switch=True)
+    assert r.s.switch_cost("gpu", "a", "b") == 4.0 and r.s.switch_cost("gpu", "b", "a") == 5.0
+    r.s.finish(b1, Outcome.OK)
+    r.switcher.takes = {"sleep": 1.0, "wake": 9.0}
+    for _ in range(2):                                           # b -> a, then a -> b measured at 10 s
+        j = r.submit("a" if r.gate().resident == "b" else "b")
+        r.dispatch(expect_switch=True)
+        r.s.finish(j, Outcome.OK)
+    assert 4.0 < r.s.switch_cost("gpu", "a", "b") < 10.0        # an average, not the last value

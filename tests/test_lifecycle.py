@@ -238,3 +238,18 @@ def test_reload_adds_removes_and_changes_models_without_dropping_queued_or_infli
     t = call(app, "GET", "/v1/queue/status")[2]
     assert t["total_received"] == t["total_served"] + t["total_errors"] + t["total_rejected"] + \
         t["total_timeouts"] + t["total_cancelled"]
+
+
+def test_the_daemon_writes_sluice_log_in_its_log_dir_with_each_request_id(daemon_env, tmp_path):
+    """SLUICE_LOG_DIR/sluice.log gets what stderr gets: the start line and one line per request, by its id."""
+    d = Daemon(daemon_env)
+    try:
+        status, headers, _ = call(d.port, "POST", "/v1/query", {"model": "fast", "prompt": "hi"})
+        assert status == 200
+        rid = headers["X-Request-Id"]
+        log_file = tmp_path / "logs" / "sluice.log"
+        wait_for(lambda: log_file.exists() and f"req={rid}" in log_file.read_text(), what="the request logged")
+        text = log_file.read_text()
+        assert f"listening on http://127.0.0.1:{d.port}" in text and "outcome=ok" in text
+    finally:
+        d.stop()

@@ -86,3 +86,20 @@ def test_metrics_add_up_after_a_workload(make_app, backend):
     assert value(fams, "sluice_backend_up", backend="fast") == 1
     assert value(fams, "sluice_backend_state", backend="fast", state="ready") == 1
     assert value(fams, "sluice_build_info") == 1 and value(fams, "sluice_uptime_seconds") > 0
+
+
+def test_one_scrape_reads_one_status_document(make_app, backend):
+    """Every gauge of a scrape comes from the same status document: read once per scrape, not per gauge."""
+    from sluice.metrics import SluiceMetrics
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url})
+    reads = []
+
+    def status():
+        reads.append(1)
+        return app.admin.status_doc()
+
+    m = SluiceMetrics("test", status, lambda: 1.0)
+    text = m.render()
+    assert len(reads) == 1 and "sluice_backend_up" in text and "sluice_queue_depth" in text
+    m.render()
+    assert len(reads) == 2

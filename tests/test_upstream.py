@@ -199,3 +199,26 @@ def test_tls_reads_and_writes_end_at_their_bound(tls_pair):
     with pytest.raises(TimeoutError):
         io.write(b"x" * (64 << 20))                      # nobody reads
     assert time.monotonic() - t0 < 10
+
+
+def test_a_connection_whose_client_left_before_the_forward_is_closed_not_leaked():
+    """The client left between grant and forward: on_open (the scheduler's attach) raises Cancelled. The
+    connection just made must be closed at once, not left open until garbage collection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    up = Upstream("b", f"http://127.0.0.1:{port}/v1")
+
+    def left(ex):
+        raise errors.Cancelled("client disconnected")
+
+    with pytest.raises(errors.Cancelled) as raised:         # `raised` keeps the frames (and any leak) alive
+        up.open("POST", "/chat/completions", b"{}", time.monotonic() + 5, on_open=left)
+    server_side, _ = listener.accept()
+    server_side.settimeout(2)
+    try:
+        assert server_side.recv(1) == b"", "the upstream connection was left open"
+    finally:
+        server_side.close()
+        listener.close()
+    assert raised.value.status == 499

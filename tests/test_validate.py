@@ -42,3 +42,17 @@ def test_wake_failure_is_a_fail_row(tmp_path, backend):
 
 def test_unknown_model_is_usage_error(tmp_path, backend):
     assert run(settings_for(tmp_path, backend), "nope", [1], io.StringIO()) == 2
+
+
+def test_runs_beside_the_daemon_it_validates(tmp_path, backend, make_app):
+    """validate builds only the model's backend, no HTTP server: the daemon holding the port is no obstacle."""
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url})
+    p = tmp_path / "v.toml"
+    p.write_text(f'[server]\nport = {app.port}\n[[backends]]\nname = "v"\nurl = "{backend.url}"\nswitch = "vllm-sleep-1"\n'
+                 f'[[models]]\nname = "m"\nbackends = ["v"]\n')
+    env = {k: v for k, v in base_env(tmp_path).items() if k != "SLUICE_PORT"}
+    settings = config.load(p, environ=env)
+    assert settings.port == app.port
+    out = io.StringIO()
+    assert run(settings, "m", [1], out) == 0, out.getvalue()
+    assert "PASS" in out.getvalue()
