@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 P_CRITICAL, P_HIGH, P_NORMAL, P_LOW, P_BG = range(5)
 
-__all__ = ["sluice", "SluiceClient", "P_CRITICAL", "P_HIGH", "P_NORMAL", "P_LOW", "P_BG", "__version__"]
+__all__ = ["sluice", "SluiceClient", "AsyncSluiceClient", "P_CRITICAL", "P_HIGH", "P_NORMAL", "P_LOW", "P_BG", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,7 @@ def __getattr__(name: str):
     if name in ("sluice", "SluiceClient"):
         from sluice import client
         return getattr(client, name)
+    if name == "AsyncSluiceClient":
+        from sluice.aclient import AsyncSluiceClient
+        return AsyncSluiceClient
     raise AttributeError(f"module 'sluice' has no attribute {name!r}")

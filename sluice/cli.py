@@ -1,4 +1,4 @@
-"""Command line: `sluice` (= `sluice serve`), `status`, `query`, `config`, `demo`.
+"""Command line: `sluice` (= `sluice serve`), `status`, `query`, `config`, `demo`, `service`.
 
 Exit status: 0 ok, 1 a runtime failure (sluice down, request failed), 2 bad configuration or usage.
 """
@@ -7,88 +7,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
-import logging
-import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
-from sluice import __version__, logfile
+from sluice import __version__
 from sluice.config import SCALARS, ConfigError, Settings, load
-
-
-def setup_logging(log_dir: Path, verbose: bool = False) -> None:
-    # The daemon's formats use neither the caller's file and line nor thread or process names; not
-    # computing them saves a stack walk per record (the logging HOWTO's "Optimization" section).
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    fmt = logfile.OnceFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    err = logfile.BatchHandler(sys.stderr)
-    err.setFormatter(fmt)
-    root.addHandler(err)
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        fh = logfile.file_handler(log_dir / "sluice.log", 10 << 20, 3)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    except OSError as e:
-        logging.getLogger("sluice").warning("cannot write logs to %s (%s); logging to stderr only", log_dir, e)
+from sluice.daemon import serve
 
 
 def _settings(args) -> Settings:
     return load(getattr(args, "config", None))
-
-
-def serve(args, settings: Settings | None = None, ready: threading.Event | None = None) -> int:
-    from sluice.app import App
-    settings = settings or _settings(args)
-    setup_logging(settings.log_dir, getattr(args, "verbose", False))
-    try:
-        app = App(settings)
-    except OSError as e:
-        print(f"sluice: cannot listen on {settings.host}:{settings.port}: {e.strerror}; "
-              "is another sluice running? (SLUICE_PORT picks another port)", file=sys.stderr)
-        return 1
-    wake = threading.Event()
-    pending: list[int] = []
-
-    def on_signal(signum, frame):  # only records the signal; the main thread acts on it
-        pending.append(signum)
-        wake.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    app.start()
-    # Everything built so far lives as long as the daemon: move it out of the collector's sight, so a
-    # full collection (a pause every request in flight pays) walks only what requests create.
-    gc.freeze()
-    print(f"sluice {__version__} listening on {app.url}", file=sys.stderr, flush=True)
-    if ready is not None:
-        ready.set()
-    log = logging.getLogger("sluice")
-    while True:
-        # A timeout, not a bare wait: the kernel may deliver a signal to another thread, and Python runs
-        # the handler only when the main thread next executes, so the main thread must wake up now and then.
-        if not wake.wait(0.5):
-            continue
-        wake.clear()
-        signums = []
-        while pending:                      # pop one by one: a signal may land while we read
-            signums.append(pending.pop(0))
-        if signal.SIGTERM in signums or signal.SIGINT in signums:
-            break
-        try:
-            app.reload(load(getattr(args, "config", None)))
-        except ConfigError as e:
-            log.error("reload rejected, keeping the running configuration: %s", e)
-    log.info("stopping: queued requests get 503, in-flight ones have up to %.0fs", settings.shutdown_timeout_s)
-    app.stop()
-    return 0
 
 
 def show_config(args) -> int:
@@ -131,31 +60,17 @@ def query(args) -> int:
 
 
 def _stream(args) -> int:
-    import http.client
-    from urllib.parse import urlsplit
-    base = urlsplit(args.url or os.environ.get("SLUICE_URL") or
-                    f"http://127.0.0.1:{os.environ.get('SLUICE_PORT', '5590')}")
-    body = json.dumps({"model": args.model, "stream": True, "priority": args.priority,
-                       "max_tokens": args.max_tokens, "messages": [{"role": "user", "content": args.prompt}]})
-    try:
-        conn = http.client.HTTPConnection(base.hostname, base.port or 80, timeout=600)
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            print(f"sluice: {resp.status} {resp.read()[:500].decode('utf-8', 'replace')}", file=sys.stderr)
-            return 1
-        for line in resp:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                try:
-                    delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content") or ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    delta = ""
-                print(delta, end="", flush=True)
-        print()
-        return 0
-    except OSError as e:
-        print(f"sluice: cannot reach {base.geturl()}: {e}", file=sys.stderr)
+    from sluice.client import SluiceClient
+    client = SluiceClient(args.url, timeout=600)
+    with client.chat_stream(args.model, [{"role": "user", "content": args.prompt}], priority=args.priority,
+                            max_tokens=args.max_tokens) as stream:
+        for piece in stream:
+            print(piece, end="", flush=True)
+    print()
+    if stream.error:
+        print(f"sluice: no complete answer from {client.url}: {stream.error}", file=sys.stderr)
         return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run a real tiny model on mlx_lm.server behind sluice (needs the mlx extra)")
     p.add_argument("--port", type=int, default=None)
 
+    p = sub.add_parser("service", help="install, remove or check sluice as a systemd unit or launchd job")
+    p.add_argument("action", choices=("install", "uninstall", "status", "show"), help="show: print the unit")
+    p.add_argument("--user", action="store_true", help="a user unit / LaunchAgent (default: system-wide)")
+    p.add_argument("--config", help="TOML file the service runs with")
+    p.add_argument("--env-file", help="SLUICE_* settings for the service (default: /etc/sluice/sluice.env, "
+                                      "or ~/.config/sluice/sluice.env with --user)")
+    p.add_argument("--run-as", help="the account a system service runs as (default: root)")
+    p.add_argument("--prefix", help="write under this directory instead of / and call no service manager")
+    p.add_argument("--manager", choices=("systemd", "launchd"), help="default: launchd on macOS, else systemd")
+
     args = parser.parse_args(argv)
     try:
         if args.cmd in (None, "serve"):
@@ -208,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "demo":
             from sluice.demo import main as demo_main
             return demo_main(args)
+        if args.cmd == "service":
+            from sluice.service import main as service_main
+            return service_main(args)
     except ConfigError as e:
         print(f"sluice: configuration error: {e}", file=sys.stderr)
         return 2

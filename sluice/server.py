@@ -306,8 +306,9 @@ class Handler(BaseHTTPRequestHandler):
         status, body = errors.ENVELOPES[self.route_api](err)
         self.respond_json(status, body, headers={**errors.response_headers(err), **(headers or {})})
 
-    def start_sse(self, headers: dict[str, str] | None = None) -> None:
-        self.write_raw(self._head(200, "Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    def start_sse(self, headers: dict[str, str] | None = None, content_type: str = "text/event-stream") -> None:
+        """The head of a streamed answer (chunked): SSE by default, NDJSON for Ollama's API."""
+        self.write_raw(self._head(200, f"Content-Type: {content_type}\r\nCache-Control: no-cache\r\n"
                                        "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n", headers))
 
     def sse_chunk(self, data: bytes) -> None:

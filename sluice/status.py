@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import sys
 import time
-from urllib.parse import urlsplit
+
+from sluice.client import Call, SluiceClient, why
 
 
-def fetch(url: str, api_key: str | None, timeout: float = 3.0) -> dict:
-    u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=timeout)
-    try:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        conn.request("GET", "/admin/status", headers=headers)
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-        if resp.status != 200:
-            raise RuntimeError(body.get("error", {}).get("message", f"HTTP {resp.status}"))
-        return body
-    finally:
-        conn.close()
+def _document(obj: object) -> dict:
+    if not isinstance(obj, dict):
+        raise ValueError("/admin/status answered something other than a JSON object")
+    return obj
+
+
+def fetch(client: SluiceClient, timeout: float = 3.0) -> dict | str:
+    """GET /admin/status through the client (its base URL, key, path prefix); the document, or why not."""
+    return client.run(Call("GET", "/admin/status", None, timeout, _document, why))
 
 
 def render(doc: dict) -> str:
@@ -49,15 +43,13 @@ def render(doc: dict) -> str:
 
 
 def main(args) -> int:
-    url = (args.url or os.environ.get("SLUICE_URL") or f"http://127.0.0.1:{os.environ.get('SLUICE_PORT', '5590')}")
-    key = os.environ.get("SLUICE_API_KEY")
+    client = SluiceClient(args.url)     # $SLUICE_URL / $SLUICE_PORT and $SLUICE_API_KEY as every client reads them
     while True:
-        try:
-            out = render(fetch(url, key))
-            code = 0
-        except (OSError, ValueError, RuntimeError) as e:
-            out = f"sluice is down at {url}: {e}"
-            code = 1
+        doc = fetch(client)
+        if isinstance(doc, dict):
+            out, code = render(doc), 0
+        else:
+            out, code = f"sluice is down at {client.url}: {doc}", 1
         if not args.watch:
             print(out, file=sys.stdout if code == 0 else sys.stderr)
             return code
