@@ -26,7 +26,8 @@ Every policy obeys the same rules first, in this order (each says why):
 
 None of this can livelock (switch back and forth, serving nothing): the model rule 2 switches to holds
 a P0, which blocks rules 2 and 3 until it is served; the model rule 3 switches to holds the oldest job,
-older than anything elsewhere; any other switch is followed by rule 4.
+older than anything elsewhere (under `lookahead`: an overdue job within max_wait_s of it, which the overload
+guard keeps); any other switch is followed by rule 4.
 
 Then the policy itself:
 
@@ -50,6 +51,13 @@ Then the policy itself:
   urgent job elsewhere wins only when its urgency repays the round trip (a P0 always does, rule 2);
   when the resident runs dry, cheap switches and big or urgent queues go first.
 
+- `lookahead` (the default): cost-aware, except for which overdue model rule 3 serves when jobs of several
+  are overdue (and no P0 waits): not simply the oldest, but the one whose visit first gives the lowest
+  worst wait over a two-visit plan (its batch, then every other batch after its work and a switch), among
+  those whose oldest job is within max_wait_s of the oldest (so the overload guard keeps it until it has
+  served). Under a backlog it is the order, not the number, of visits that sets the worst wait; llmux's
+  workloads (bench/README.md) are where it shows.
+
 Switch and service times are exponential moving averages of measurements (`SwitchCosts`), seeded
 from the configuration. `inflight` is carried for the scheduler (it drains before switching).
 """
@@ -61,7 +69,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-POLICIES = ("fifo", "cost-aware", "drain-first")
+POLICIES = ("fifo", "cost-aware", "drain-first", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -235,8 +243,45 @@ def _cost_aware(view: GateView, costs: SwitchCosts) -> str:
     return best if scored[best] > keep else r
 
 
+def _batch(view: GateView, costs: SwitchCosts, model: str) -> tuple[float, float]:
+    """A model's waiting jobs as one visit: (seconds of work, the worst wait if the visit started now).
+    Jobs go in the scheduler's order (priority, then admission); the j-th starts (j-1) services in."""
+    jobs = sorted((w for w in view.waiting if w.model == model), key=lambda w: (w.priority, w.seq))
+    s = costs.service(model)
+    return len(jobs) * s, max(view.now - w.enqueued_at + i * s for i, w in enumerate(jobs))
+
+
+def _plan_score(view: GateView, costs: SwitchCosts, x: str) -> float:
+    """The worst wait of a two-visit plan: X's batch right after the switch to it, then every other waiting
+    batch Y (the resident's own included) after X's work and the switch X -> Y:
+
+        score(X) = max(C(r, X) + worst(X),  max over Y of C(r, X) + work(X) + C(X, Y) + worst(Y))"""
+    batches = {m: _batch(view, costs, m) for m in {w.model for w in view.waiting}}
+    c = costs.get(view.resident, x)
+    work_x, worst_x = batches[x]
+    rest = [c + work_x + costs.get(x, y) + worst for y, (_, worst) in batches.items() if y != x]
+    return max([c + worst_x] + rest)
+
+
+def _lookahead_overdue(view: GateView, costs: SwitchCosts, forced: str) -> str:
+    """Rule 3 under lookahead: when jobs of several models are overdue (and no P0 waits, rule 2's case),
+    each is served within the same switch-or-two, so the one whose visit first keeps the worst wait lowest
+    goes, not simply the oldest: a big old batch first makes a smaller, nearly as old one wait it out.
+    Only a model whose oldest job is within max_wait_s of the oldest overdue one may go: rule 3's overload
+    guard then keeps it until it has served (else the switch would be undone before it served a job)."""
+    if any(w.priority == 0 for w in view.waiting):
+        return forced
+    others = [w for w in view.waiting if w.model != view.resident]
+    oldest = min(w.enqueued_at for w in others)
+    overdue = sorted({w.model for w in others if view.now - w.enqueued_at >= view.max_wait_s
+                      and w.enqueued_at - oldest <= view.max_wait_s})
+    if forced not in overdue or len(overdue) < 2:
+        return forced
+    return min(overdue, key=lambda m: (_plan_score(view, costs, m), m != forced, m))
+
+
 _RULES: dict[str, Callable[[GateView, SwitchCosts], str]] = {
-    "fifo": _fifo, "cost-aware": _cost_aware, "drain-first": _drain_first}
+    "fifo": _fifo, "cost-aware": _cost_aware, "drain-first": _drain_first, "lookahead": _cost_aware}
 
 
 def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
@@ -250,7 +295,7 @@ def decide(policy: str, view: GateView, costs: SwitchCosts) -> str | None:
         return _first(view.waiting).model
     forced = _forced(view)
     if forced is not None:
-        return forced
+        return _lookahead_overdue(view, costs, forced) if policy == "lookahead" else forced
     if _settling(view):
         return view.resident
     return rule(view, costs)

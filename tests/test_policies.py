@@ -97,7 +97,7 @@ SETTLE_CASES = [
      {None: "a"}),
     ("even while idle", dict(waiting=[("b", 1, 50)], served=1, since=99, min_active=5), {None: "a"}),
     ("then the policy decides", dict(waiting=[("a", 3, 99.9), ("b", 1, 50)], served=1, since=90, min_active=5),
-     {"fifo": "b", "drain-first": "a", "cost-aware": "a"}),
+     {"fifo": "b", "drain-first": "a", "cost-aware": "a", "lookahead": "a"}),
     ("its jobs were cancelled: held for min_active_s only", dict(waiting=[("b", 2, 99)], served=0, since=90,
                                                                min_active=5), {None: "b"}),
 ]
@@ -363,3 +363,132 @@ def test_decisions_are_deterministic_and_well_formed(policy):
             assert answer == v.resident or answer in {w.model for w in v.waiting}
         due = next_deadline(v, c)
         assert due is None or due > v.now
+
+
+# ---- lookahead: which overdue model rule 3 serves -----------------------------------------------------
+
+def three_overdue(c_jobs=20, a_jobs=10):
+    """llmux's three_model at 20 s switches, at t=35: b just drained; c (oldest, 6 s) has twice a's work."""
+    return view([("c", 2, 6.0 + 0.1 * i) for i in range(10)] + [("c", 2, 15.0 + 0.1 * i) for i in range(c_jobs - 10)]
+                + [("a", 2, 9.0 + 0.1 * i) for i in range(a_jobs)], resident="b", now=35.0, max_wait=15.0)
+
+
+def test_lookahead_serves_the_overdue_batch_that_keeps_the_worst_wait_lowest():
+    c = costs(seed=20.0, service=0.5)
+    # a first: worst = 20 + 5 + 20 + c's 32.6 = 77.6; c first: 20 + 10 + 20 + a's 29.6 = 79.6
+    assert decide("cost-aware", three_overdue(), c) == "c"         # rule 3: simply the oldest
+    assert decide("lookahead", three_overdue(), c) == "a"
+    assert decide("lookahead", three_overdue(c_jobs=10), c) == "c"  # equal work: the oldest goes first
+
+
+def test_lookahead_weighs_the_switch_costs_of_the_plan():
+    # the same queues; a switch into c is cheap and out of it dear: c first is now the better plan
+    c = costs(seed=20.0, service=0.5, bc=2.0, ca=2.0, ba=30.0, ac=30.0)
+    assert decide("lookahead", three_overdue(), c) == "c"
+
+
+def test_lookahead_leaves_p0_and_a_single_overdue_model_to_the_shared_rules():
+    c = costs(seed=20.0, service=0.5)
+    with_p0 = view(list(three_overdue().waiting and [("c", 2, 6.0)] * 20 + [("a", 0, 9.0)] * 2),
+                   resident="b", now=35.0, max_wait=15.0)
+    assert decide("lookahead", with_p0, c) == "a"                   # rule 2, not the plan
+    one = view([("c", 2, 6.0)] * 20 + [("a", 2, 30.0)], resident="b", now=35.0, max_wait=15.0)
+    assert decide("lookahead", one, c) == "c"                      # only c is overdue
+
+
+def test_lookahead_never_picks_a_model_the_overload_guard_would_leave_at_once():
+    # a is overdue too, but its oldest job is 25 s newer than c's: after a switch to a, rule 3 would leave
+    # it before it served (c more than max_wait_s older), so a is not a candidate
+    c = costs(seed=20.0, service=0.5)
+    v = view([("c", 2, 0.0)] * 30 + [("a", 2, 25.0)], resident="b", now=45.0, max_wait=15.0)
+    assert decide("lookahead", v, c) == "c"
+
+
+def test_lookahead_beats_rule_3_by_age_on_three_models():
+    """llmux's three_model trace at 20 s switches on the real Scheduler (bench/trace_sim.py): lookahead's
+    worst wait is lower than cost-aware's at the same number of switches."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from trace_sim import Sim
+    arrivals = [((r * 3 + mi) * 3.0 + i * 0.1, m, 2) for r in range(2) for mi, m in enumerate("abc")
+                for i in range(10)]
+    out = {}
+    for policy in ("cost-aware", "lookahead"):
+        sim = Sim(policy, list("abc"), dict.fromkeys("abc", 0.5), {"default": 20.0}, 15.0, seed_cost=20.0,
+                  free_cold_start=True)
+        out[policy] = sim.run(arrivals)
+        sim.s.stop()
+    assert out["lookahead"]["switches"] == out["cost-aware"]["switches"] == 3
+    assert out["lookahead"]["max_wait"] < out["cost-aware"]["max_wait"] - 1.0
+
+
+# ---- the simulator's sleep levels (bench/trace_sim.py; sim only) ----------------------------------------
+
+def sleep_levels(**kw):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from trace_sim import SleepLevels
+    sizes = {"a": 10.0, "b": 20.0, "c": 8.0}
+    wake = {m: {1: 3.0, 2: 20.0, "cold": 100.0} for m in sizes}
+    return SleepLevels(sizes, wake, **kw)
+
+
+def test_sleep_levels_demote_then_stop_by_time():
+    lv = sleep_levels(demote_after_s=60.0, stop_after_s=300.0)
+    assert lv.wake("a", 0.0) == 100.0                   # never started: a cold start
+    lv.sleep("a", 10.0)
+    assert lv.level("a", 69.9) == 1
+    assert lv.level("a", 70.0) == 2                     # asleep demote_after_s: level 2
+    assert lv.level("a", 310.0) == "cold"               # asleep stop_after_s: stopped
+    lv.wake("a", 400.0)
+    lv.sleep("a", 500.0)
+    assert lv.wake("a", 580.0) == 20.0                   # woken from level 2 after 80 s asleep
+    lv.sleep("a", 600.0)
+    assert lv.wake("a", 601.0) == 3.0                    # recently active: level 1
+
+
+def test_sleep_levels_never_exceed_the_ram_budget():
+    lv = sleep_levels(l1_ram_budget_gb=25.0)
+    rng = random.Random(5)
+    awake = None
+    for step in range(300):
+        nxt = rng.choice([m for m in "abc" if m != awake])
+        if awake:
+            lv.sleep(awake, float(step), waking=nxt)
+        lv.wake(nxt, float(step))
+        awake = nxt
+        assert lv.l1_gb() <= 25.0
+    assert lv.peak_l1_gb <= 25.0
+
+
+def test_sleep_levels_keep_the_model_coming_back_at_level_1():
+    lv = sleep_levels(l1_ram_budget_gb=30.0)
+    for m in "abc":
+        lv.wake(m, 0.0)
+    lv.sleep("a", 1.0)                                   # a 10 GB at L1
+    lv.sleep("b", 2.0)                                   # b 20 GB: 30 GB, fits
+    lv.sleep("c", 3.0, waking="a")                       # c 8 GB: a leaves RAM, so b stays at level 1
+    assert (lv.level("a", 3.0), lv.level("b", 3.0), lv.level("c", 3.0)) == (1, 1, 1) and lv.wake("a", 3.0) == 3.0
+    lv.sleep("a", 4.0, waking="b")                       # 10 + 8 + 20 leaving: fits
+    assert lv.level("c", 4.0) == 1 and lv.wake("b", 4.0) == 3.0
+    lv.sleep("b", 5.0, waking="c")                       # a 10 + b 20 = 30 with c leaving: fits exactly
+    assert (lv.level("a", 5.0), lv.level("b", 5.0)) == (1, 1)
+    lv.wake("c", 5.0)
+    lv.sleep("c", 6.0)                                   # c 8 GB more: the longest asleep (a) drops to level 2
+    assert (lv.level("a", 6.0), lv.level("b", 6.0), lv.level("c", 6.0)) == (2, 1, 1) and lv.l1_gb() == 28.0
+
+
+def test_a_failed_sleep_still_escalates_to_stop_through_the_scheduler():
+    """The real Scheduler on the simulated clock: b's sleep fails, the scheduler stops it instead, so b's
+    next wake is a cold start."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from trace_sim import Sim
+    lv = sleep_levels(failing=frozenset({"b"}))
+    sim = Sim("lookahead", ["a", "b"], {"a": 1.0, "b": 1.0}, {"default": 5.0}, 60.0, seed_cost=5.0, levels=lv)
+    sim.run([(0.0, "b", 2), (10.0, "a", 2), (200.0, "b", 2)])
+    sim.s.stop()
+    assert lv.wakes == {"cold": 3}                       # b, a, then b again from cold: stopped, not asleep
