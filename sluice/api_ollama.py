@@ -166,16 +166,9 @@ class OllamaApi:
             lines.end()
 
     def _encode(self, h: Handler, out: dict):
-        """The upstream body. Long strings (images) go back in from the request's own bytes when they come
-        out in the order they came in (bigjson.Bigs.encode needs that); otherwise the body is expanded."""
+        """The upstream body, long strings (images) put back from the request's own bytes."""
         data = json.dumps(out).encode()
-        if h.bigs is None:
-            return data
-        at = [data.find(json.dumps(m)[1:-1].encode()) for m in h.bigs.marks]
-        found = [i for i in at if i >= 0]
-        if found == sorted(found):
-            return h.bigs.encode(data)
-        return json.dumps(h.bigs.expand(out)).encode()
+        return data if h.bigs is None else h.bigs.encode(data)
 
     def _serve(self, h: Handler, job: Job, path: str, out: dict, answer: Answer, lines: _Lines) -> None:
         answer.t_grant = time.monotonic()

@@ -48,15 +48,22 @@ class Bigs:
         return b"".join(out)
 
     def encode(self, small: bytes) -> list:
-        """`small` (JSON made from the parsed skeleton) with the original strings put back: pieces to send."""
-        pieces: list = [small]
-        for (a, b), mark in zip(self.spans, self._json_marks):
-            head = pieces.pop()
-            i = head.find(mark)
-            if i < 0:                          # dropped on the way (a field removed): nothing to put back
-                pieces.append(head)
-                continue
-            pieces += [head[:i], self.raw[a:b], head[i + len(mark):]]
+        """`small` (JSON made from the parsed skeleton) with the original strings put back: pieces to send.
+        Wherever each mark now is, in any order (a translation may move fields) and as often as it occurs;
+        a mark not found was dropped on the way (a field removed): nothing to put back."""
+        found = []
+        for k, mark in enumerate(self._json_marks):
+            i = small.find(mark)
+            while i >= 0:
+                found.append((i, k))
+                i = small.find(mark, i + len(mark))
+        pieces: list = []
+        last = 0
+        for i, k in sorted(found):
+            a, b = self.spans[k]
+            pieces += [small[last:i], self.raw[a:b]]
+            last = i + len(self._json_marks[k])
+        pieces.append(small[last:])
         return pieces
 
     def expand(self, obj: Any) -> Any:

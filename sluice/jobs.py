@@ -26,6 +26,9 @@ _OUTCOME = {errors.QueueTimeout: Outcome.TIMEOUT, errors.Cancelled: Outcome.CANC
             errors.QueueFull: Outcome.REJECTED, errors.TooManyRequests: Outcome.REJECTED}
 
 
+_FALLBACK_ROUTES = ("/v1/query", "/v1/chat/completions", "/v1/messages")   # those that can serve a rerouted job
+
+
 def outcome_of(err: Exception) -> Outcome:
     return next((o for cls, o in _OUTCOME.items() if isinstance(err, cls)), Outcome.ERROR)
 
@@ -185,7 +188,7 @@ class JobPath:
             tick: Callable[[int], None] | None = None) -> None:
         """The life of a job: admitted, granted, served, finished exactly once."""
         model = self.models.get(job.model)
-        if model is not None and model.fallback and job.route in ("/v1/query", "/v1/chat/completions") \
+        if model is not None and model.fallback and job.route in _FALLBACK_ROUTES \
                 and self.cloud.mode() != "unavailable":
             job.fallback_at = time.monotonic() + model.fallback_after_s
         self.scheduler.submit(job)  # raises the refusal (queue full, backend down); the job is already finished

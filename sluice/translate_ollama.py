@@ -94,8 +94,7 @@ def _image_part(image, param: str) -> dict:
 
 
 def _content(m: dict, key: str, param: str):
-    """`m[key]` (the text) with `m["images"]`: a string, or OpenAI content parts in the order the client
-    wrote them (so the long strings of the body stay in order; see OllamaApi._encode)."""
+    """`m[key]` (the text) with `m["images"]`: a string, or OpenAI content parts (text first)."""
     text = m.get(key)
     if text is None:
         text = ""

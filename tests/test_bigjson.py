@@ -63,3 +63,17 @@ def test_memory_per_request_is_about_its_body():
     r = body_memory.measure(8, 16)
     assert r["statuses"] == [200]
     assert r["growth"] <= 1.5, r
+
+
+def test_marks_moved_or_repeated_by_a_translation_get_their_own_strings_back():
+    """A translation may reorder fields (instructions after a large input become the first message) or
+    repeat a string: each mark is replaced by its own original bytes wherever it now stands."""
+    import json
+    from sluice import bigjson
+    one, two = "A" * (bigjson.THRESHOLD + 10), "B" * (bigjson.THRESHOLD + 20)
+    raw = json.dumps({"first": one, "second": two}).encode()
+    obj, bigs = bigjson.parse(raw, json.loads)
+    assert bigs is not None
+    moved = json.dumps({"x": obj["second"], "y": [obj["first"], obj["second"]]}).encode()
+    sent = b"".join(bytes(p) for p in bigs.encode(moved))
+    assert json.loads(sent) == {"x": two, "y": [one, two]}

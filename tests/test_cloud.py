@@ -15,7 +15,9 @@ from conftest import call
 from fake_anthropic import KEY, FakeAnthropic
 from sluice import cloud as cloud_mod
 from sluice import errors
-from sluice.cloud import Cloud, _Chunker, flatten, from_message, to_messages, translate_events
+from sluice.cloud import Cloud, flatten
+from sluice.translate import from_message, to_messages
+from sluice.translate_stream import Chunker as _Chunker, translate_events
 
 FAKE_CLAUDE = str(Path(__file__).with_name("fake_claude.py"))
 USER = [{"role": "user", "content": "hi"}]
@@ -304,6 +306,45 @@ def test_cli_chat_and_stream(tmp_path):
     with pytest.raises(errors.BadRequest, match="images"):
         cloud.chat({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]}, 10)
+    assert cloud.info()["inflight"] == 0
+
+
+def test_messages_as_they_are_through_the_sdk(anthropic_api):
+    cloud = Cloud(model="claude-test", environ=api_env(anthropic_api))
+    body = {"model": "cloud", "max_tokens": 20, "system": [{"type": "text", "text": "s"}],
+            "messages": [{"role": "user", "content": "hi"}], "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    msg = cloud.messages(body, 5)
+    assert msg["content"] == [{"type": "text", "text": "Hello from Claude"}] and msg["model"] == "claude-test"
+    assert anthropic_api.last["body"] == {**body, "model": "claude-test"}
+    with cloud.messages_stream({**body, "model": "claude-opus-4-1"}, 5) as events:
+        kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "content_block_delta" in kinds
+    assert anthropic_api.last["body"]["model"] == "claude-opus-4-1" and anthropic_api.last["body"]["stream"] is True
+    anthropic_api.status = 400                 # the client's own mistake keeps its status on this route
+    with pytest.raises(errors.SluiceError) as e:
+        cloud.messages(body, 5)
+    assert e.value.status == 400 and "simulated failure" in e.value.message
+    assert cloud.info()["inflight"] == 0
+
+
+def test_messages_through_the_cli(tmp_path):
+    cloud, argv_file = cli_cloud(tmp_path)
+    body = {"model": "cloud", "max_tokens": 20, "system": [{"type": "text", "text": "sys"}], "messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                      "content": [{"type": "text", "text": "r"}]}]}]}
+    msg = cloud.messages(body, 10)
+    assert msg["content"] == [{"type": "text", "text": "cli answer"}] and msg["stop_reason"] == "end_turn"
+    assert json.loads(argv_file.read_text())[-3:] == [
+        "--system-prompt=sys", "--", "User: a\n\nAssistant: [tool call f({})]\n\nUser: [tool result: r]"]
+    events = list(cloud.messages_stream(body, 10))
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_stop", "message_delta", "message_stop"]
+    assert events[2]["delta"] == {"type": "text_delta", "text": "cli answer"}
+    with pytest.raises(errors.BadRequest) as e:
+        cloud.messages({**body, "tools": [{"name": "f", "input_schema": {}}]}, 10)
+    assert e.value.param == "tools"
     assert cloud.info()["inflight"] == 0
 
 
