@@ -20,6 +20,11 @@ SCHEMAS = {
         "type": "object", "required": ["message", "type"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": "string", "nullable": True}, "code": {"type": "string", "nullable": True}}}}},
+    "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+        "type": {"type": "string", "enum": ["error"]}, "error": {
+            "type": "object", "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}},
+    "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "QueryRequest": {"type": "object", "required": ["prompt"], "properties": {
         "model": {"type": "string", "description": "model name or alias; `cloud` for Anthropic"},
         "prompt": {"type": "string", "minLength": 1}, "system": {"type": "string"},
@@ -57,17 +62,37 @@ _DOCS = {
                                        None, "OpenAIError"),
     ("POST", "/v1/completions"): ("OpenAI completions", "CompletionRequest", None, "OpenAIError"),
     ("POST", "/v1/embeddings"): ("OpenAI embeddings", "EmbeddingRequest", None, "OpenAIError"),
+    ("POST", "/v1/responses"): ("OpenAI Responses (SSE when stream=true)", None, None, "OpenAIError"),
+    ("POST", "/v1/messages"): ("Anthropic Messages (SSE when stream=true)", None, None, "AnthropicError"),
+    ("POST", "/v1/messages/count_tokens"): ("Anthropic token count (an estimate; never queued)", None, None,
+                                            "AnthropicError"),
+    ("POST", "/api/chat"): ("Ollama chat (NDJSON stream unless stream=false)", None, None, "OllamaError"),
+    ("POST", "/api/generate"): ("Ollama generate (NDJSON stream unless stream=false)", None, None, "OllamaError"),
+    ("POST", "/api/embed"): ("Ollama embeddings", None, None, "OllamaError"),
+    ("POST", "/api/embeddings"): ("Ollama embeddings (the older form)", None, None, "OllamaError"),
+    ("GET", "/api/tags"): ("Ollama: the configured models", None, None, "OllamaError"),
+    ("GET", "/api/ps"): ("Ollama: what each gate has loaded", None, None, "OllamaError"),
+    ("POST", "/api/show"): ("Ollama: one model's details", None, None, "OllamaError"),
+    ("POST", "/api/pull"): ("Ollama pull: success for a configured model (nothing is downloaded)", None, None,
+                            "OllamaError"),
+    ("GET", "/api/version"): ("The Ollama API level sluice implements", None, None, "OllamaError"),
     ("GET", "/v1/models"): ("Configured models and aliases", None, "Models", "OpenAIError"),
     ("GET", "/v1/models/"): ("One model (the SDKs' models.retrieve)", None, None, "OpenAIError"),
     ("GET", "/admin/status"): ("Everything the dashboard shows", None, "AdminStatus", "OpenAIError"),
     ("POST", "/admin/drain"): ("Stop admitting new requests", None, None, "OpenAIError"),
     ("POST", "/admin/resume"): ("Admit new requests again after a drain", None, None, "OpenAIError"),
+    ("GET", "/admin/log"): ("The last n request-log entries (?n=1..200, default 100)", None, None, "OpenAIError"),
     ("GET", "/metrics"): ("Prometheus text format 0.0.4", None, "text/plain", "OpenAIError"),
     ("GET", "/"): ("Live dashboard", None, "text/html", "OpenAIError"),
     ("GET", "/ui"): ("Live dashboard", None, "text/html", "OpenAIError"),
     ("GET", "/openapi.json"): ("This document", None, None, "OpenAIError"),
 }
 
+
+# Routes that may answer with a stream, and its content type.
+_STREAMS = {"/v1/chat/completions": "text/event-stream", "/v1/completions": "text/event-stream",
+            "/v1/responses": "text/event-stream", "/v1/messages": "text/event-stream",
+            "/api/chat": "application/x-ndjson", "/api/generate": "application/x-ndjson"}
 
 # A prefix route's path parameters, by prefix.
 _PREFIX_PARAMS = {"/admin/models/": ("name", "action"), "/v1/models/": ("model",)}
@@ -87,8 +112,8 @@ def spec(routes) -> dict:
             ok_content = {ok: {"schema": {"type": "string"}}}
         else:
             ok_content = {"application/json": {"schema": _ref(ok) if ok else {"type": "object"}}}
-            if r.path == "/v1/chat/completions":
-                ok_content["text/event-stream"] = {"schema": {"type": "string"}}
+            if r.path in _STREAMS:
+                ok_content[_STREAMS[r.path]] = {"schema": {"type": "string"}}
         op = {"summary": summary, "responses": {"200": {"description": "ok", "content": ok_content}}}
         for code in ("400", "401", "404", "405", "413", "502", "503", "504"):
             op["responses"][code] = {"description": "error", "content": {"application/json": {"schema": _ref(err)}}}
