@@ -37,7 +37,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 class FakeAnthropic:
     def __init__(self, key: str = KEY):
         self.key = key
-        self.requests: list[dict] = []          # {"path", "headers" (lower-case names), "body"} in arrival order
+        self.requests: list[dict] = []          # {"path", "headers" (lower-case), "body", "peer"} in arrival order
         self.status = 200
         self.retry_after: str | None = None
         self.reply = "Hello from Claude"
@@ -67,7 +67,7 @@ class FakeAnthropic:
                 except ValueError:
                     body = None
                 with outer._lock:
-                    outer.requests.append({"path": self.path, "body": body,
+                    outer.requests.append({"path": self.path, "body": body, "peer": self.client_address,
                                            "headers": {k.lower(): v for k, v in self.headers.items()}})
                 outer.arrived.release()
                 auth = self.headers.get("x-api-key")

@@ -76,9 +76,8 @@ def test_query_through_the_sdk(anthropic_api):
     assert sent["headers"].get("anthropic-version")
     assert sent["body"] == {"model": "claude-test", "system": "be kind", "max_tokens": 50, "temperature": 0.5,
                             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    client = cloud._client
     assert cloud.query("again", None, 10, None, 5) == "Hello from Claude"
-    assert cloud._client is client                               # built once, reused
+    assert anthropic_api.requests[-1]["peer"] == anthropic_api.requests[-2]["peer"]   # one client, kept alive
     assert "temperature" not in anthropic_api.last["body"] and "system" not in anthropic_api.last["body"]
     assert cloud.info() == {"mode": "api", "model": "claude-test", "inflight": 0, "concurrency": 4}
 
