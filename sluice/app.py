@@ -81,8 +81,7 @@ class App:
                                    aging_s=settings.aging_s, on_finish=self._record,
                                    switcher=lambda backend, action: self.ops.switch(backend, action),
                                    on_switch=lambda gate, phases: self.metrics.record_switch(gate, phases))
-        self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.cloud_timeout_s,
-                           settings.claude_bin, environ)
+        self.cloud = Cloud(settings.cloud_model, settings.cloud_concurrency, settings.claude_bin, environ)
         # Managed backends are probed by their supervisor; the health monitor watches the others.
         self.supervisor = Supervisor(procs, settings.state_dir, on_change=self._managed_changed,
                                      is_busy=self.scheduler.busy) if procs else None

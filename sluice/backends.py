@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from sluice import errors
 from sluice.config import ConfigError
-from sluice.supervisor import ProcessSpec, ram_tier_idle_s, spec_for
+from sluice.processes import ProcessSpec, ram_tier_idle_s, spec_for
 
 if TYPE_CHECKING:
     from sluice.config import BackendConfig, Settings

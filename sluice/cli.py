@@ -32,7 +32,7 @@ def show_config(args) -> int:
         out[f.name] = {"value": str(v) if isinstance(v, Path) else v,
                        "source": s.sources.get(f.name, "default"),
                        **({"env": SCALARS[f.name][0]} if f.name in SCALARS else {})}
-    from sluice.supervisor import ram_tier_idle_s, total_memory_bytes
+    from sluice.processes import ram_tier_idle_s, total_memory_bytes
     mem = total_memory_bytes()
     out["ram_tier"] = {"total_memory_gb": round(mem / 1e9, 1) if mem else None,
                        "idle_unload_default_s": ram_tier_idle_s(mem),

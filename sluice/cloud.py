@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 from sluice import errors
+from sluice.processes import kill_group
 from sluice.translate import CLAUDE_MODEL, from_message, new_message_id, to_messages
 from sluice.translate_stream import Chunker, message_events, translate_events
 
@@ -47,13 +47,12 @@ _HOW_TO_ENABLE = ("pip install 'sluice-llm[cloud]' and set ANTHROPIC_API_KEY, or
 class Cloud:
     """The cloud route. Thread-safe; one instance serves every handler thread."""
 
-    def __init__(self, model: str = "claude-sonnet-4-6", concurrency: int = 4, timeout_s: float = 300.0,
-                 claude_bin: str = "claude", environ: Mapping[str, str] | None = None):
+    def __init__(self, model: str = "claude-sonnet-4-6", concurrency: int = 4, claude_bin: str = "claude",
+                 environ: Mapping[str, str] | None = None):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
         self.concurrency = concurrency
-        self.timeout_s = timeout_s
         self.claude_bin = claude_bin
         self._env = os.environ if environ is None else environ
         self._permits = threading.BoundedSemaphore(concurrency)
@@ -353,11 +352,8 @@ def cli_argv(claude: str, model: str, system: str | None, prompt: str) -> list[s
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        proc.kill()
-    proc.communicate()
+    kill_group(proc, 0)
+    proc.communicate()      # closes its pipes
 
 
 # ---- the SDK, imported lazily ------------------------------------------------------------------------------

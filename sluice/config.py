@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sluice.policies import POLICIES
+from sluice import processes
 
 GATE_MODES = ("shared", "exclusive")
 SWITCH_METHODS = ("none", "vllm-sleep-1", "vllm-sleep-2", "command")
@@ -337,7 +338,7 @@ def _env_table(v: Any) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(v.items()))
 
 
-ENGINES = ("mlx-lm", "llama.cpp", "vllm")
+ENGINES = tuple(processes.ENGINES)
 _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "discover": _bool,
                     "api_key": _str,
                     "forward_priority": _bool, "health_path": _str, "jit_swap": _bool,

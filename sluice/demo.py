@@ -26,8 +26,6 @@ import http.client
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,19 +33,13 @@ import time
 from pathlib import Path
 
 from sluice.config import BackendConfig, GateConfig, ModelConfig, Settings, load
+from sluice.processes import free_port, health_status, kill_group
 
 MLX_SERVER = (sys.executable, "-m", "mlx_lm", "server")
 
 
 class MlxServerError(RuntimeError):
     """mlx_lm.server exited or never became ready; the message ends with the tail of its log."""
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it; another process may still take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MlxServer:
@@ -70,16 +62,10 @@ class MlxServer:
 
     def health(self, timeout: float = 2.0) -> int | None:
         """The status of GET /health, or None when nothing answers."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status
-        except OSError:
+            return health_status("127.0.0.1", self.port, "/health", timeout)
+        except (OSError, http.client.HTTPException):
             return None
-        finally:
-            conn.close()
 
     def wait_ready(self, timeout: float = 120.0) -> MlxServer:
         """Poll GET /health until 200. Raises MlxServerError, with the log's tail, when the process exits,
@@ -108,17 +94,7 @@ class MlxServer:
 
     def stop(self, timeout: float = 5.0) -> int | None:
         """SIGTERM to the process group, SIGKILL after `timeout` s; returns the exit status. Idempotent."""
-        if self.proc.poll() is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(self.proc.pid, sig)        # the group: also any helper processes it spawned
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(timeout)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        kill_group(self.proc, timeout, "mlx_lm.server")     # the group: also any helper processes it spawned
         if self._owned_dir is not None:
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None

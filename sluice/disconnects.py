@@ -40,6 +40,7 @@ class DisconnectWatcher:
         self._lock = threading.Lock()
         self._pending: dict[socket.socket, tuple[Callable[[], None], float]] = {}
         self._registered: set[socket.socket] = set()
+        self._dropped: list[socket.socket] = []     # registered sockets to unregister (by the loop's thread)
         self._asleep = False
         self._last_busy = clock()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -60,13 +61,14 @@ class DisconnectWatcher:
             self._wake_w.send(b"x")
 
     def _remove(self, sock) -> None:
+        """The request is done with its socket (a request thread). Only the loop's thread touches the
+        selector, so a registered socket is handed to it to unregister; its events are ignored from now."""
         with self._lock:
-            if self._pending.pop(sock, None) is None and sock in self._registered:
-                self._registered.discard(sock)
-                try:
-                    self._sel.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
+            if self._pending.pop(sock, None) is not None or sock not in self._registered:
+                return
+            self._registered.discard(sock)
+            self._dropped.append(sock)
+        self._wake_w.send(b"x")
 
     def close(self) -> None:
         self._stopping = True
@@ -78,6 +80,9 @@ class DisconnectWatcher:
         """Put sockets watched for grace_s into the selector; the select timeout to use next."""
         now = self._clock()
         with self._lock:
+            for sock in self._dropped:
+                self._unregister(sock)
+            self._dropped.clear()
             for sock, (cb, since) in list(self._pending.items()):
                 if now - since >= self.grace_s:
                     del self._pending[sock]
@@ -93,6 +98,12 @@ class DisconnectWatcher:
                 return self.grace_s
             self._asleep = True
             return None
+
+    def _unregister(self, sock) -> None:
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass                     # closed meanwhile: the kernel dropped it from the selector itself
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -111,8 +122,11 @@ class DisconnectWatcher:
                 except OSError:
                     closed = True
                 # Data (a pipelined request) cannot tell us anything more: stop watching either way.
-                self._remove(sock)
-                if closed:
+                with self._lock:
+                    live = sock in self._registered      # not handed back by its request meanwhile
+                    self._registered.discard(sock)
+                    self._unregister(sock)
+                if closed and live:
                     try:
                         key.data()
                     except Exception:

@@ -1,4 +1,4 @@
-"""Backend process lifecycle: start, probe, restart, sleep/wake, idle unload, stop; and the orphan registry.
+"""Backend process lifecycle: start, probe, restart, sleep/wake, idle unload, stop.
 
 One `ManagedBackend` per process sluice runs. It is the one writer of its state: every transition happens
 inside its own methods, decided under its own lock (`_cond`), with the rule that a read which gates a
@@ -22,41 +22,38 @@ schedule, idle unload, uptime), so tests can move it. Waiting for real things (a
 caller's own timeout) uses Condition/Popen waits with real deadlines, never a bare sleep.
 
 Lock contract: `_cond` guards every `_`-field of a ManagedBackend. Nothing that blocks (HTTP, process
-waits, on_change callbacks, is_busy callbacks) runs under it. The registry has its own lock and is only
-ever taken after `_cond`, never before.
+spawns and waits, file I/O, the registry's fsync'ed writes, on_change and is_busy callbacks) runs under
+it. A spawn is claimed under the lock (`_spawning`), run outside it, and the process adopted under it
+again; a stop() that preempted the spawn waits for `_spawning` to clear, so it never returns while the
+process it could not see is still alive. Exits noticed under the lock are queued (`_gone`) and
+forgotten in the registry by `_flush`, outside it. The registry has its own lock, never taken under
+`_cond`.
+
+The process mechanics (spec, argv, spawning, killing a process group, the registry) are
+sluice/processes.py.
 """
 
 from __future__ import annotations
 
 import enum
 import http.client
-import json
 import logging
-import os
-import re
-import secrets
 import shlex
-import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 from sluice import errors
+from sluice.processes import (ProcessSpec, Registry, cleanup_orphans, describe_exit, health_status,
+                              kill_group, spawn)
 from sluice.upstream import Upstream
 
 log = logging.getLogger("sluice.supervisor")
-
-SLEEP_METHODS = ("none", "stop", "vllm-sleep-1", "vllm-sleep-2")
-START_MODES = ("lazy", "eager")
-_LOG_ROTATE_BYTES = 20 << 20
 
 
 class State(enum.Enum):
@@ -78,373 +75,7 @@ ALLOWED: dict[State, frozenset[State]] = {
 }
 
 
-# ---- engines and argv ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Engine:
-    command: str                       # template, split with shlex BEFORE {model}/{host}/{port} are filled
-    health_path: str = "/health"
-    sleep_method: str = "stop"
-    env: Mapping[str, str] = field(default_factory=dict)
-
-
-ENGINES: dict[str, Engine] = {
-    "mlx-lm": Engine("mlx_lm.server --model {model} --host {host} --port {port}"),
-    "llama.cpp": Engine("llama-server -m {model} --host {host} --port {port}"),
-    "vllm": Engine("vllm serve {model} --host {host} --port {port} --enable-sleep-mode",
-                   sleep_method="vllm-sleep-1", env={"VLLM_SERVER_DEV_MODE": "1"}),
-}
-
-_PLACEHOLDER = re.compile(r"\{(model|host|port)\}")
-
-
-def build_argv(command: str | Sequence[str] | None, engine: str | None, model: str, port: int,
-               host: str = "127.0.0.1") -> tuple[str, ...]:
-    """The argv to exec: `command` (a string is shlex-split) or the engine's template, with `{model}`,
-    `{host}` and `{port}` filled in each argument AFTER splitting, in one pass (a value is never re-scanned
-    for placeholders, never split, never given to a shell). A model that would begin an argument with `-`
-    is refused: it would be read as an option (write `./-name` for such a relative path)."""
-    if command is None:
-        if engine is None:
-            raise ValueError("a backend process needs a command or an engine "
-                             f"(one of {', '.join(sorted(ENGINES))})")
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(sorted(ENGINES))}")
-        command = ENGINES[engine].command
-    tokens = shlex.split(command) if isinstance(command, str) else [str(t) for t in command]
-    if not tokens:
-        raise ValueError("empty command")
-    values = {"model": str(model), "host": str(host), "port": str(int(port))}
-    out = []
-    for tok in tokens:
-        if "{model}" in tok:
-            if not values["model"]:
-                raise ValueError("the command uses {model} but the model is empty")
-            if "\0" in values["model"]:
-                raise ValueError("model contains a NUL character")
-            if tok.startswith("{model}") and values["model"].startswith("-"):
-                raise ValueError(f"model {values['model']!r} starts with '-' and would be read as an option; "
-                                 f"write './{values['model']}' for a relative path")
-        out.append(_PLACEHOLDER.sub(lambda m: values[m.group(1)], tok))
-    return tuple(out)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on `host` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def total_memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    try:
-        out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=5)
-        return int(out.stdout.strip())
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
-
-
-def ram_tier_idle_s(total_bytes: int | None = None) -> float:
-    """Idle-unload default by installed RAM (the mlx-inference-server tiers): >= 64 GB: 600 s, 24-63 GB:
-    300 s, below (or unknown): 180 s. GB are decimal, so a machine sold as 64 GB still counts as 64 after
-    the kernel keeps its share."""
-    if total_bytes is None:
-        total_bytes = total_memory_bytes()
-    if not total_bytes:
-        return 180.0
-    gb = total_bytes / 1e9
-    return 600.0 if gb >= 64 else 300.0 if gb >= 24 else 180.0
-
-
-# ---- the spec ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProcessSpec:
-    """Everything needed to run, probe, restart, sleep and stop one backend process."""
-    name: str
-    argv: tuple[str, ...]
-    port: int
-    env: Mapping[str, str] = field(default_factory=dict, hash=False)   # added to (overriding) sluice's environment
-    host: str = "127.0.0.1"
-    health_path: str = "/health"
-    start: str = "lazy"                  # lazy: on first ensure_ready; eager: when the Supervisor starts
-    start_timeout_s: float = 120.0       # spawn -> healthy; past it: killed, FAILED (no retry)
-    stop_timeout_s: float = 10.0         # SIGTERM -> SIGKILL
-    start_retries: int = 3               # consecutive failures (early exits, crashes, wedges) before FAILED
-    backoff_s: float = 1.0               # delay before retry n: backoff_s * 2**(n-1), at most backoff_max_s
-    backoff_max_s: float = 30.0
-    stable_s: float = 60.0               # READY this long resets the consecutive-failure count
-    unhealthy_after: int = 3             # consecutive failed probes of a READY process -> restart
-    probe_interval_s: float = 2.0
-    probe_timeout_s: float = 5.0
-    idle_unload_s: float | None = None   # None: never; else sleep() after this long with nothing in flight
-    sleep_method: str = "stop"           # none | stop | vllm-sleep-1 | vllm-sleep-2
-    sleep_timeout_s: float = 120.0       # each vLLM /sleep, /wake_up, ... call
-    log_path: Path | None = None         # child stdout+stderr, appended; None: discarded
-    cwd: Path | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
-        object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
-        if self.log_path is not None:
-            object.__setattr__(self, "log_path", Path(self.log_path))
-        where = f"backends.{self.name}"
-        if not self.argv:
-            raise ValueError(f"{where}.command: empty")
-        if not 0 < int(self.port) < 65536:
-            raise ValueError(f"{where}.port: must be 1..65535, got {self.port!r}")
-        if self.sleep_method not in SLEEP_METHODS:
-            raise ValueError(f"{where}.sleep: must be one of {', '.join(SLEEP_METHODS)}, got {self.sleep_method!r}")
-        if self.start not in START_MODES:
-            raise ValueError(f"{where}.start: must be lazy or eager, got {self.start!r}")
-        if not self.health_path.startswith("/"):
-            raise ValueError(f"{where}.health_path: must start with '/', got {self.health_path!r}")
-        for k in ("start_timeout_s", "stop_timeout_s", "probe_interval_s", "probe_timeout_s", "sleep_timeout_s"):
-            if not getattr(self, k) > 0:
-                raise ValueError(f"{where}.{k}: must be > 0, got {getattr(self, k)!r}")
-        if self.start_retries < 0 or self.unhealthy_after < 1:
-            raise ValueError(f"{where}: start_retries must be >= 0 and unhealthy_after >= 1")
-        if self.idle_unload_s is not None and not self.idle_unload_s > 0:
-            raise ValueError(f"{where}.idle_unload_s: must be > 0, got {self.idle_unload_s!r}")
-
-    def backoff(self, failures: int) -> float:
-        """Delay before the retry that follows the `failures`-th consecutive failure (1, 2, ...)."""
-        return min(self.backoff_max_s, self.backoff_s * 2 ** max(0, failures - 1))
-
-
-def spec_for(name: str, *, model: str = "", engine: str | None = None,
-             command: str | Sequence[str] | None = None, port: int | None = None, host: str = "127.0.0.1",
-             log_dir: Path | None = None, env: Mapping[str, str] | None = None, **overrides) -> ProcessSpec:
-    """A ProcessSpec from config-level inputs: the engine preset supplies argv template, health path,
-    sleep method and env; `command` replaces the template; `overrides` set any other ProcessSpec field."""
-    preset = ENGINES.get(engine) if engine else None
-    if engine and preset is None:
-        raise ValueError(f"backends.{name}.engine: unknown engine {engine!r}; expected one of "
-                         f"{', '.join(sorted(ENGINES))}")
-    port = free_port(host) if port is None else port
-    kw: dict = {"health_path": preset.health_path if preset else "/health",
-                "sleep_method": preset.sleep_method if preset else "stop"}
-    if log_dir is not None:
-        kw["log_path"] = Path(log_dir) / f"{name}.log"
-    kw.update(overrides)
-    return ProcessSpec(name=name, argv=build_argv(command, engine, model, port, host), port=port, host=host,
-                       env={**(preset.env if preset else {}), **(env or {})}, **kw)
-
-
-# ---- process identity (for the registry) ---------------------------------------------------------------
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_start_time(pid: int) -> str | None:
-    """An opaque string that identifies when `pid` started (None: no such live process). With the pid it
-    names one process for the life of the machine: a recycled pid has a different start time."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-        stat = None
-    except OSError:
-        return None
-    if stat is not None:
-        rest = stat[stat.rfind(")") + 2:].split()
-        if not rest or rest[0] in ("Z", "X"):   # zombie or dead: gone for our purposes
-            return None
-        return f"{_boot_id()}:{rest[19]}"
-    try:
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(int(pid))], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def process_argv(pid: int) -> tuple[str, ...] | None:
-    """The command line `pid` runs now (on systems without /proc: one element, ps's space-joined line)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return tuple(a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]) or None
-    except FileNotFoundError:
-        if Path("/proc/self/cmdline").exists():
-            return None
-    except OSError:
-        return None
-    try:
-        out = subprocess.run(["ps", "-ww", "-o", "command=", "-p", str(int(pid))], capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip(),) if out.stdout.strip() else None
-
-
-def is_same_process(pid: int, start_time: str | None, argv: Sequence[str] | None) -> bool:
-    """True only when `pid` is alive, started at `start_time` and runs `argv`: safe to signal."""
-    if not pid or pid <= 1 or not start_time or pid == os.getpid():
-        return False
-    if process_start_time(pid) != start_time:
-        return False
-    if argv is None:
-        return True
-    now = process_argv(pid)
-    if now is None:
-        return False
-    return tuple(now) == tuple(argv) or (len(now) == 1 and now[0] == " ".join(argv))
-
-
-# ---- the registry ------------------------------------------------------------------------------------------
-class Registry:
-    """This sluice's children, on disk: `state_dir/processes-<pid>-<nonce>.json`, rewritten atomically
-    (temp file + os.replace) on every spawn and exit. One file per sluice instance, so instances sharing a
-    state_dir never mistake each other's children for orphans."""
-
-    def __init__(self, state_dir: Path):
-        self.state_dir = Path(state_dir)
-        self.path = self.state_dir / f"processes-{os.getpid()}-{secrets.token_hex(4)}.json"
-        self._lock = threading.Lock()
-        self._children: dict[str, dict] = {}
-        self._owner = {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
-                       "argv": list(process_argv(os.getpid()) or ())}
-
-    def record(self, name: str, proc: subprocess.Popen, argv: Sequence[str], stop_timeout_s: float) -> None:
-        entry = {"name": name, "pid": proc.pid, "pgid": proc.pid, "start_time": process_start_time(proc.pid),
-                 "argv": list(argv), "stop_timeout_s": stop_timeout_s, "started_at": time.time()}
-        with self._lock:
-            self._children[name] = entry
-            self._write()
-
-    def forget(self, name: str) -> None:
-        with self._lock:
-            if self._children.pop(name, None) is not None:
-                self._write()
-
-    def write(self) -> None:
-        with self._lock:
-            self._write()
-
-    def close(self) -> None:
-        """Remove our file (after a clean stop: no child of ours is left)."""
-        with self._lock:
-            if self._children:
-                self._write()
-                return
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-
-    def _write(self) -> None:
-        data = {"version": 1, "owner": self._owner, "children": list(self._children.values())}
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".processes-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-        except OSError as e:
-            log.warning("cannot write process registry %s: %s", self.path, e)
-
-
-def cleanup_orphans(state_dir: Path, *, max_wait_s: float = 10.0) -> list[dict]:
-    """Stop children left by a sluice that died: for every registry file in `state_dir` whose owner is
-    gone, each child that is verifiably the same process (pid + start time + argv) gets SIGTERM to its
-    process group, then SIGKILL after its stop timeout. A pid now used by another process is left alone.
-    Returns the entries that were signalled."""
-    state_dir = Path(state_dir)
-    victims: list[dict] = []
-    for path in sorted(state_dir.glob("processes-*.json")):
-        try:
-            data = json.loads(path.read_text())
-            owner = data.get("owner") or {}
-            children = list(data.get("children") or [])
-        except (OSError, ValueError, AttributeError) as e:
-            log.warning("ignoring unreadable process registry %s: %s", path, e)
-            continue
-        if is_same_process(int(owner.get("pid") or 0), owner.get("start_time"), None) or \
-                (owner.get("pid") == os.getpid() and owner.get("start_time") == process_start_time(os.getpid())):
-            continue   # its sluice is alive (another instance, or an earlier Supervisor in this process)
-        for c in children:
-            try:
-                pid, start, argv = int(c["pid"]), c.get("start_time"), tuple(c["argv"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if is_same_process(pid, start, argv):
-                victims.append(c)
-            else:
-                log.info("registry %s: pid %s is no longer %s's process; left alone", path.name, pid,
-                         c.get("name"))
-        try:
-            path.unlink()
-        except OSError:
-            pass
-    if not victims:
-        return []
-
-    def signal_all(sig: int, entries: list[dict]) -> None:
-        for c in entries:
-            if not is_same_process(int(c["pid"]), c.get("start_time"), tuple(c["argv"])):
-                continue   # verified again right before every signal: the pid may have been recycled
-            pgid = int(c.get("pgid") or 0)
-            try:
-                if pgid and pgid == os.getpgid(int(c["pid"])):
-                    os.killpg(pgid, sig)
-                else:
-                    os.kill(int(c["pid"]), sig)
-            except (ProcessLookupError, PermissionError) as e:
-                log.info("orphan %s (pid %s): %s", c.get("name"), c["pid"], e)
-
-    for c in victims:
-        log.warning("stopping orphan backend %s (pid %s) left by a previous sluice: %s", c.get("name"),
-                    c["pid"], shlex.join(c["argv"]))
-    signal_all(signal.SIGTERM, victims)
-    wait_s = min(max_wait_s, max(float(c.get("stop_timeout_s") or 10.0) for c in victims))
-    deadline = time.monotonic() + wait_s
-    alive = victims
-    pause = threading.Event()
-    while alive and time.monotonic() < deadline:
-        pause.wait(0.05)
-        alive = [c for c in alive if process_start_time(int(c["pid"])) == c.get("start_time")]
-    if alive:
-        signal_all(signal.SIGKILL, alive)
-    return victims
-
-
 # ---- one managed process ---------------------------------------------------------------------------------
-def _http(host: str, port: int, method: str, path: str, body=None, timeout: float = 2.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read(1 << 16)
-    finally:
-        conn.close()
-
-
-def _describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exited with code {rc}"
-
-
 class ManagedBackend:
     """One backend process. See the module docstring for the ownership and lock rules."""
 
@@ -471,6 +102,8 @@ class ManagedBackend:
         self._unhealthy = 0                    # consecutive failed probes
         self._next_probe = 0.0
         self._gen = 0                          # bumped on every spawn: stale probe results are dropped
+        self._spawning = False                 # an owner is spawning outside the lock (see the module doc)
+        self._gone: list[int] = []             # pids that exited, for _flush to forget in the registry
         self._closed = False
         self.restarts = 0
         self.spawns = 0
@@ -491,10 +124,6 @@ class ManagedBackend:
     def pid(self) -> int | None:
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
-
-    @property
-    def inflight(self) -> int:
-        return self._inflight
 
     def info(self) -> dict:
         with self._cond:
@@ -538,7 +167,7 @@ class ManagedBackend:
         self._acquire(timeout, busy=False)
 
     def acquire(self, timeout: float) -> None:
-        """ensure_ready and mark_busy in one step: no idle unload can slip in between. Pair with release()."""
+        """ensure_ready and count it busy in one step: no idle unload can slip in between. Pair with release()."""
         self._acquire(timeout, busy=True)
 
     def release(self) -> None:
@@ -553,18 +182,10 @@ class ManagedBackend:
         finally:
             self.release()
 
-    def mark_busy(self) -> None:
-        with self._cond:
-            self._inflight += 1
-
     def mark_idle(self) -> None:
         with self._cond:
             self._inflight = max(0, self._inflight - 1)
             self._last_used = self._clock()
-
-    def wake(self, timeout: float | None = None) -> None:
-        """Wake a SLEEPING backend (start a stopped one); blocks until READY."""
-        self.ensure_ready(self.spec.start_timeout_s if timeout is None else timeout)
 
     def sleep(self, timeout: float | None = None) -> State:
         """Free the GPU: vLLM sleep (level 1 or 2), or stop for `stop` engines; `none` keeps it running.
@@ -651,14 +272,14 @@ class ManagedBackend:
             rc = self._proc.poll() if self._proc is not None else -1
             if rc is not None:
                 self._proc_gone_locked(rc)
-                self.last_error = f"{_describe_exit(rc)} while sleeping"
+                self.last_error = f"{describe_exit(rc)} while sleeping"
                 self._set_state_locked(State.STOPPED)
             return None, self._gen, False
         if self._state is not State.READY:
             return None, self._gen, False
         rc = self._proc.poll() if self._proc is not None else -1
         if rc is not None:
-            self._begin_restart_locked(_describe_exit(rc))
+            self._begin_restart_locked(describe_exit(rc))
             return None, self._gen, False
         now = self._clock()
         if self._failures and self._ready_since is not None and now - self._ready_since >= self.spec.stable_s:
@@ -770,44 +391,12 @@ class ManagedBackend:
         self._thread(self._run_start, token, self._clock() + delay, old, True)
 
     def _proc_gone_locked(self, rc: int | None) -> None:
+        if self._proc is not None and self._registry is not None:
+            self._gone.append(self._proc.pid)
         self._proc = None
         self._spawned_at = self._ready_since = None
         if rc is not None:
             self.last_exit = rc
-        if self._registry is not None:
-            self._registry.forget(self.name)
-
-    def _spawn_locked(self) -> subprocess.Popen:
-        spec = self.spec
-        env = {**os.environ, **spec.env}
-        out = subprocess.DEVNULL
-        logf = None
-        if spec.log_path is not None:
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if spec.log_path.stat().st_size > _LOG_ROTATE_BYTES:
-                    os.replace(spec.log_path, spec.log_path.with_name(spec.log_path.name + ".1"))
-            except FileNotFoundError:
-                pass
-            logf = out = open(spec.log_path, "ab")
-            logf.write(f"\n=== sluice {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {spec.name}: "
-                       f"{shlex.join(spec.argv)}\n".encode())
-            logf.flush()
-        try:
-            proc = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=spec.cwd, start_new_session=True, close_fds=True)
-        finally:
-            if logf is not None:
-                logf.close()
-        self._proc = proc
-        self._gen += 1
-        self.spawns += 1
-        self._spawned_at = self._clock()
-        self._ready_since = None
-        if self._registry is not None:
-            self._registry.record(self.name, proc, spec.argv, spec.stop_timeout_s)
-        log.info("backend %s: spawned pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
-        return proc
 
     # ---- internals: the owners' work (outside the lock) --------------------------------------------------
     def _owns(self, token: object) -> bool:
@@ -841,12 +430,10 @@ class ManagedBackend:
                     if restart:
                         self.restarts += 1
                     restart = True     # every later spawn by this owner is a retry
-                    try:
-                        proc = self._spawn_locked()
-                    except OSError as e:   # recorded, not raised; retrying a missing binary is pointless
-                        self.last_error = f"cannot run {spec.argv[0]!r}: {e}"
-                        self._settle_locked(token, State.FAILED)
-                        return
+                    self._spawning = True
+                proc = self._spawn(token)
+                if proc is None:
+                    return
                 failure, timed_out = self._await_ready(token, proc)
                 if failure is None:
                     with self._cond:
@@ -878,6 +465,39 @@ class ManagedBackend:
         finally:
             self._flush()
 
+    def _spawn(self, token: object) -> subprocess.Popen | None:
+        """Spawn and register the process outside the lock, then adopt it under the lock. None when it
+        could not be run (FAILED) or stop() preempted us meanwhile (then we kill it: no one else knows it)."""
+        spec = self.spec
+        try:
+            try:
+                proc = spawn(spec)
+            except OSError as e:   # recorded, not raised; retrying a missing binary is pointless
+                with self._cond:
+                    if self._owns(token):
+                        self.last_error = f"cannot run {spec.argv[0]!r}: {e}"
+                        self._settle_locked(token, State.FAILED)
+                return None
+            if self._registry is not None:
+                self._registry.record(self.name, proc, spec.argv, spec.stop_timeout_s)
+            with self._cond:
+                adopted = self._owns(token)
+                if adopted:
+                    self._proc, self._spawned_at, self._ready_since = proc, self._clock(), None
+                    self._gen += 1
+                    self.spawns += 1
+            if adopted:
+                log.info("backend %s: spawned pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
+                return proc
+            kill_group(proc, spec.stop_timeout_s, f"backend {self.name}")
+            if self._registry is not None:
+                self._registry.forget(self.name, proc.pid)
+            return None
+        finally:
+            with self._cond:
+                self._spawning = False
+                self._cond.notify_all()
+
     def _await_ready(self, token: object, proc: subprocess.Popen) -> tuple[str | None, bool]:
         """(None, False) once healthy; else (why, timed_out). An exit is seen within one short wait."""
         spec = self.spec
@@ -886,7 +506,7 @@ class ManagedBackend:
         while True:
             rc = proc.poll()
             if rc is not None:
-                return f"{_describe_exit(rc)} during start (see {spec.log_path or 'its output'})", False
+                return f"{describe_exit(rc)} during start (see {spec.log_path or 'its output'})", False
             if not self._owns(token):
                 return "preempted", False
             ok, _, _ = self._probe(min(1.0, spec.probe_timeout_s))
@@ -902,7 +522,7 @@ class ManagedBackend:
 
     def _probe(self, timeout: float) -> tuple[bool, str, bool]:
         try:
-            status, _ = _http(self.spec.host, self.spec.port, "GET", self.spec.health_path, timeout=timeout)
+            status = health_status(self.spec.host, self.spec.port, self.spec.health_path, timeout)
         except (socket.timeout, TimeoutError) as e:
             return False, f"timed out: {e}", True
         except (OSError, http.client.HTTPException) as e:
@@ -910,48 +530,14 @@ class ManagedBackend:
         return status == 200, f"HTTP {status}", False
 
     def _terminate(self, proc: subprocess.Popen | None) -> None:
-        """SIGTERM the process group, SIGKILL it after stop_timeout_s; stragglers in the group included."""
-        if proc is None:
-            return
-        pgid = proc.pid      # start_new_session=True: the child leads its own group
-        deadline = time.monotonic() + self.spec.stop_timeout_s
-        if proc.poll() is None:
-            self._killpg(pgid, signal.SIGTERM)
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("backend %s: pid %d ignored SIGTERM for %.1fs; SIGKILL", self.name, proc.pid,
-                        self.spec.stop_timeout_s)
-            self._killpg(pgid, signal.SIGKILL)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                log.error("backend %s: pid %d survived SIGKILL", self.name, proc.pid)
-        pause = threading.Event()
-        while self._group_alive(pgid) and time.monotonic() < deadline:
-            pause.wait(0.05)
-        if self._group_alive(pgid):
-            self._killpg(pgid, signal.SIGKILL)
-
-    @staticmethod
-    def _killpg(pgid: int, sig: int) -> None:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    @staticmethod
-    def _group_alive(pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except (ProcessLookupError, PermissionError):
-            return False
+        kill_group(proc, self.spec.stop_timeout_s, f"backend {self.name}")
 
     def _run_stop(self, token: object, proc: subprocess.Popen | None, final: State) -> None:
         try:
             self._terminate(proc)
             with self._cond:
+                while self._spawning:      # a spawn we preempted: its owner kills what it started
+                    self._cond.wait()
                 if not self._owns(token):
                     return
                 if proc is not None and self._proc is proc:
@@ -1048,8 +634,13 @@ class ManagedBackend:
             self._flush()
 
     def _flush(self) -> None:
-        """Deliver queued state changes to on_change, in order, with no lock of ours held but the
-        delivery lock (which only serializes deliveries)."""
+        """Forget exited processes in the registry (an fsync'ed write), then deliver queued state changes to
+        on_change, in order, with no lock of ours held but the delivery lock (which only serializes
+        deliveries)."""
+        with self._cond:
+            gone, self._gone = self._gone, []
+        for pid in gone:
+            self._registry.forget(self.name, pid)
         if self._on_change is None:
             self._changes.clear()
             return
@@ -1139,16 +730,8 @@ class Supervisor:
     def __contains__(self, name: object) -> bool:
         return name in self._backends
 
-    def __iter__(self) -> Iterator[ManagedBackend]:
-        return iter(list(self._backends.values()))
-
-    def names(self) -> list[str]:
-        return list(self._backends)
-
     def snapshot(self) -> list[dict]:
         return [b.info() for b in self._backends.values()]
 
 
-__all__ = ["ALLOWED", "ENGINES", "Engine", "ManagedBackend", "ProcessSpec", "Registry", "State", "Supervisor",
-           "build_argv", "cleanup_orphans", "free_port", "is_same_process", "process_argv", "process_start_time",
-           "ram_tier_idle_s", "spec_for", "total_memory_bytes"]
+__all__ = ["ALLOWED", "ManagedBackend", "State", "Supervisor"]

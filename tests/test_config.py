@@ -132,7 +132,7 @@ def test_cli_config_shows_the_ram_tier():
 
 
 def test_ram_tiers():
-    from sluice.supervisor import ram_tier_idle_s
+    from sluice.processes import ram_tier_idle_s
     assert [ram_tier_idle_s(g * 10 ** 9) for g in (8, 24, 63, 64, 128)] == [180, 300, 300, 600, 600]
 
 

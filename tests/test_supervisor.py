@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from sluice import errors
-from sluice.supervisor import (ALLOWED, ENGINES, ManagedBackend, ProcessSpec, State, Supervisor, build_argv,
-                               free_port, process_start_time, ram_tier_idle_s, spec_for, total_memory_bytes)
+from sluice.processes import (ENGINES, ProcessSpec, Registry, build_argv, free_port, process_start_time,
+                              ram_tier_idle_s, spec_for, total_memory_bytes)
+from sluice.supervisor import ALLOWED, ManagedBackend, State, Supervisor
 
 FAKE = str(Path(__file__).with_name("fake_engine.py"))
 
@@ -233,6 +234,39 @@ def test_stop_preempts_a_start_and_waiters_get_503(tmp_path, managed):
     assert not alive(events(spec, "start")[0]["pid"])
 
 
+class HeldRegistry(Registry):
+    """The real registry, whose record() first waits for `go`: holds a spawn between Popen and adoption."""
+
+    def __init__(self, state_dir: Path):
+        super().__init__(state_dir)
+        self.recording, self.go, self.pids = threading.Event(), threading.Event(), []
+
+    def record(self, name, proc, argv, stop_timeout_s) -> None:
+        self.pids.append(proc.pid)
+        self.recording.set()
+        self.go.wait(20)
+        super().record(name, proc, argv, stop_timeout_s)
+
+
+def test_spawn_io_runs_outside_the_lock_and_a_stop_meanwhile_kills_the_new_process(tmp_path, managed):
+    spec = make_spec(tmp_path)
+    registry = HeldRegistry(tmp_path / "run")
+    b = managed(spec, registry=registry)
+    b.start()
+    assert registry.recording.wait(10)
+    assert b.info()["state"] == "starting"          # info() takes the lock: the spawn does not hold it
+    [pid] = registry.pids
+    stopper = threading.Thread(target=b.stop)
+    stopper.start()
+    assert wait_until(lambda: b.state is State.STOPPING)
+    stopper.join(0.2)
+    assert stopper.is_alive()                       # stop() waits for the preempted spawn to kill its process
+    registry.go.set()
+    stopper.join(20)
+    assert not stopper.is_alive() and b.state is State.STOPPED and not alive(pid) and b.pid is None
+    assert json.loads(registry.path.read_text())["children"] == []
+
+
 # ---- crashes, wedges, backoff --------------------------------------------------------------------------
 def test_crash_restarts_after_backoff(tmp_path, managed):
     clock = FakeClock()
@@ -241,8 +275,8 @@ def test_crash_restarts_after_backoff(tmp_path, managed):
     b.ensure_ready(10)
     pid1 = b.pid
     os.kill(pid1, signal.SIGKILL)
-    assert wait_until(lambda: not alive(pid1))
-    b.check()
+    # Ticks until one sees the exit: /proc shows a killed multi-threaded child as a zombie before it can be reaped.
+    assert wait_until(lambda: (b.check(), b.state)[1] is not State.READY)
     assert b.state is State.STARTING and "killed by SIGKILL" in b.last_error
     threading.Event().wait(0.3)
     assert len(events(spec, "start")) == 1                          # still backing off (5 s of fake time)
@@ -313,7 +347,7 @@ def test_idle_unload_after_idle_and_never_while_busy(tmp_path, managed):
     spec = make_spec(tmp_path, idle_unload_s=1.0, probe_interval_s=100.0)
     b = managed(spec, clock=clock)
     with b.use(10):                                                  # READY and counted busy, atomically
-        assert b.inflight == 1
+        assert b.info()["inflight"] == 1
         clock.advance(60.0)
         b.check()
         assert b.state is State.READY                                # busy: never unloaded
@@ -401,7 +435,7 @@ def test_sleep_by_stop_for_engines_without_sleep(tmp_path, managed):
     b = managed(spec)
     b.ensure_ready(10)
     assert b.sleep() is State.STOPPED
-    b.wake(10)
+    b.ensure_ready(10)
     assert b.state is State.READY and b.spawns == 2
 
 

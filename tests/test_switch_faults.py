@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import call
-from sluice.supervisor import free_port, process_start_time
+from sluice.processes import free_port, process_start_time
 from test_api_native import totals_add_up, until
 from test_gates import exclusive_toml
 
