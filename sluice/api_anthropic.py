@@ -19,18 +19,18 @@ events go out (clients accept pings only after message_start), and a failure aft
 from __future__ import annotations
 
 import json
-import time
 from typing import Callable
 
 from sluice import errors
 from sluice.cloud import ClientError
 from sluice.config import CLOUD
-from sluice.jobs import JobPath, ModelNamer, int_field, show, with_model
-from sluice.scheduler import Job, Outcome
-from sluice.server import ClientGone, Handler, Route
+from sluice.jobs import JobPath, ModelNamer, answered, bool_field, expanded, int_field, usage_of
+from sluice.scheduler import Job
+from sluice.server import Handler, Route
+from sluice.streams import Stream
 from sluice.translate import CLAUDE_MODEL, openai_usage, to_chat, to_message
 from sluice.translate_stream import MessagesStream, event_name, split_events, sse, sse_data
-from sluice.upstream import Exchange, json_body
+from sluice.upstream import Exchange
 
 # Fields whose value sluice acts on: one of them twice makes it re-encode the body (see api_openai.py).
 _DECIDING_FIELDS = (b'"stream"', b'"max_tokens"')
@@ -52,7 +52,7 @@ def _named(fn: Callable[[Handler], None]) -> Callable[[Handler], None]:
 
 
 def _backend_error(name: str, status: int, data: bytes) -> errors.SluiceError:
-    text = f"backend {name!r} answered {status}: {data[:300].decode('utf-8', 'replace')}"
+    text = answered(name, status, data)
     return ClientError(status, text) if 400 <= status < 500 else errors.BadGateway(text)
 
 
@@ -121,8 +121,7 @@ class AnthropicApi:
             if body.get("max_tokens") is None:
                 raise errors.BadRequest("max_tokens is required: an integer >= 1", param="max_tokens")
             int_field(body, "max_tokens", 1, 2 ** 31)
-        if not isinstance(body.get("stream", False), bool):
-            raise errors.BadRequest(f"stream must be true or false, got {show(body['stream'])}", param="stream")
+        bool_field(body, "stream", False)
         if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
             raise errors.BadRequest("metadata must be an object", param="metadata")
         if model == CLOUD or self._native(model):
@@ -143,19 +142,10 @@ class AnthropicApi:
         chat = self._validate(body, model)
         priority = self.jobs.priority(h, body, model)
         stream = body.get("stream", False)
-        job = self.jobs.new_job(h, body["model"], model, priority, "/v1/messages", stream=stream, timeout_s=None)
-        if s.log_prompts:
-            job.payload = h.bigs.expand(body["messages"]) if h.bigs is not None else body["messages"]
+        job = self.jobs.new_job(h, body["model"], model, priority, "/v1/messages", stream=stream, timeout_s=None,
+                                payload=body["messages"])
         out = _Stream(h, job, self.jobs, MessagesStream(body["model"], body.get("stop_sequences")))
-        try:
-            self.jobs.run(h, job, lambda job: self._serve(h, job, body, chat, out), tick=out.tick if stream else None)
-        except errors.SluiceError as e:
-            if not out.started:
-                raise
-            out.fail(e)     # the head went out while it waited, or mid-answer: an error event ends it
-            return
-        if out.started:
-            out.done()
+        out.run(lambda job: self._serve(h, job, body, chat, out))
 
     # ---- serving -----------------------------------------------------------------------------------------
     def _serve(self, h: Handler, job: Job, body: dict, chat: dict | None, out: "_Stream") -> None:
@@ -169,51 +159,18 @@ class AnthropicApi:
         cap = self.jobs.max_tokens_cap(job.model)
         return min(asked, self.jobs.settings.max_tokens, cap or asked)
 
-    def _encode(self, h: Handler, obj: dict):
-        data = json.dumps(obj).encode()
-        return h.bigs.encode(data) if h.bigs is not None else data
-
     def _serve_translated(self, h: Handler, job: Job, body: dict, chat: dict, out: "_Stream") -> None:
         chat["max_tokens"] = self._max_tokens(job, chat["max_tokens"])
-        if self.jobs.backends[job.backend].forward_priority:
-            chat["priority"] = job.priority
-        deadline = self.jobs.deadline()
-        opened = self.jobs.forward(job, "/chat/completions", self._encode(h, chat), deadline)
-        if opened is None:
-            return self._serve_cloud(h, job, body, out)
-        up, ex = opened
-        if job.stream and ex.status == 200:
-            return out.translate(ex, deadline)
-        data = ex.read(deadline)
-        ex.close()
-        if ex.status != 200:
-            raise _backend_error(up.name, ex.status, data)
-        obj = json_body(data, up.name)
-        job.usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-        self._answer(h, job, to_message(obj, body["model"], body.get("stop_sequences")))
-
-    def _answer(self, h: Handler, job: Job, msg: dict | bytes) -> None:
-        job.status = 200
-        self.jobs.scheduler.finish(job, Outcome.OK)      # the slot is free before the client has read it
-        if isinstance(msg, bytes):
-            h.respond(200, msg, headers=self.jobs.response_headers(job))
-        else:
-            h.respond_json(200, msg, headers=self.jobs.response_headers(job))
+        out.translated("/chat/completions", chat,
+                       lambda obj: to_message(obj, body["model"], body.get("stop_sequences")),
+                       lambda: self._serve_cloud(h, job, body, out), _backend_error)
 
     def _serve_native(self, h: Handler, job: Job, body: dict, out: "_Stream") -> None:
         """The client's bytes, only the model swapped, when nothing else changes (the usual request)."""
         upstream_model = self.jobs.models[job.model].upstream_model
-        forward_priority = self.jobs.backends[job.backend].forward_priority
         max_tokens = self._max_tokens(job, body["max_tokens"])
-        raw = h.body
-        data = None if max_tokens != body["max_tokens"] or forward_priority or "priority" in body or \
-            any(raw.count(f) > 1 for f in _DECIDING_FIELDS) else with_model(raw, body["model"], upstream_model)
-        if data is None:
-            fields = {**body, "model": upstream_model, "max_tokens": max_tokens}
-            fields.pop("priority", None)
-            if forward_priority:
-                fields["priority"] = job.priority
-            data = self._encode(h, fields)
+        changes = {"max_tokens": max_tokens} if max_tokens != body["max_tokens"] else {}
+        data = self.jobs.body_for(h, job, body, upstream_model, _DECIDING_FIELDS, changes)
         deadline = self.jobs.deadline()
         opened = self.jobs.forward(job, "/messages", data, deadline)
         if opened is None:
@@ -221,24 +178,20 @@ class AnthropicApi:
         up, ex = opened
         rename = ModelNamer(upstream_model, body["model"])
         if job.stream and ex.status == 200:
-            return out.relay(ex, deadline, rename)
-        data = ex.read(deadline)
-        ex.close()
-        if ex.status != 200:
-            raise _backend_error(up.name, ex.status, data)
-        obj = json_body(data, up.name)
-        job.usage = openai_usage(obj.get("usage")) if isinstance(obj.get("usage"), dict) else None
-        self._answer(h, job, rename(data))
+            return out.pass_on(ex, deadline, rename)
+        data, obj = self.jobs.read_answer(h, job, up.name, ex, deadline, _backend_error)
+        usage = usage_of(obj)
+        job.usage = openai_usage(usage) if usage is not None else None
+        self.jobs.answer(h, job, rename(data))
 
     def _serve_cloud(self, h: Handler, job: Job, body: dict, out: "_Stream") -> None:
-        if h.bigs is not None:
-            body = h.bigs.expand(body)           # Anthropic gets the real strings
+        body = expanded(h, body)           # Anthropic gets the real strings
         request = {k: v for k, v in body.items() if k not in ("priority", "stream")}
         timeout, beta = self.jobs.settings.cloud_timeout_s, h.headers.get("anthropic-beta")
         if not job.stream:
             msg = self.jobs.cloud.messages(request, timeout, beta)
             job.usage = openai_usage(msg.get("usage"))
-            return self._answer(h, job, {**msg, "model": body["model"]})
+            return self.jobs.answer(h, job, {**msg, "model": body["model"]})
         events = self.jobs.cloud.messages_stream(request, timeout, beta)
         try:
             for ev in events:
@@ -248,77 +201,35 @@ class AnthropicApi:
         out.finish()
 
 
-class _Stream:
-    """One streamed Messages answer: the head (sent early while queued, or with the first upstream byte),
-    then Anthropic's events. `ms` makes them from chat chunks, and its message_start, once sent while
-    queued, stands for the upstream's own on a pass-through."""
+class _Stream(Stream):
+    """One streamed Messages answer: Anthropic's events. `into` makes them from chat chunks, and its
+    message_start, once sent while queued, stands for the upstream's own on a pass-through."""
 
-    def __init__(self, h: Handler, job: Job, jobs: JobPath, ms: MessagesStream):
-        self.h, self.job, self.jobs, self.ms = h, job, jobs, ms
-        self.started = False
+    def __init__(self, h: Handler, job: Job, jobs: JobPath, into: MessagesStream):
+        super().__init__(h, job, jobs, into)
         self.stopped = False              # message_stop went out
         self.usage: dict = {}             # Anthropic's, from a pass-through's events
 
-    def start(self) -> None:
-        if not self.started:
-            self.started = True
-            self.h.start_sse(self.jobs.response_headers(self.job))
-            if self.job.first_byte_at is None:
-                self.job.first_byte_at = time.monotonic()
+    def keepalive(self, position: int) -> bytes:
+        return self.into.start() + _PING    # clients accept a ping only after message_start
 
-    def tick(self, position: int) -> None:
-        self.start()
-        self.h.sse_chunk(self.ms.start() + _PING)
+    def error(self, err: errors.SluiceError) -> bytes:
+        return sse("error", errors.anthropic_body(err))
 
-    def translate(self, ex: Exchange, deadline: float) -> None:
-        """The backend's chat chunks as Messages events, as they arrive."""
-        self.start()
-        try:
-            for events in ex.events(deadline):
-                out, done = b"", False
-                for data in sse_data(events):
-                    if data == b"[DONE]":
-                        done = True
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        raise errors.BadGateway(f"backend sent an event that is not JSON: {data[:200]!r}") from None
-                    if isinstance(chunk, dict) and isinstance(chunk.get("error"), dict):
-                        raise errors.BadGateway(f"backend failed mid-stream: {chunk['error'].get('message')}")
-                    out += self.ms.feed(chunk) if isinstance(chunk, dict) else b""
-                self.h.sse_chunk(out)
-                if done:
-                    break
-            else:
-                if self.ms.finish is None:
-                    raise errors.BadGateway("the backend's stream ended before its last event")
-        except ClientGone:
-            ex.abort()
-            raise
-        ex.close()
-        self.job.usage = self.ms.usage
-        self.h.sse_chunk(self.ms.end())
-        self.finish()
-
-    def relay(self, ex: Exchange, deadline: float, rename: Callable[[bytes], bytes]) -> None:
+    def pass_on(self, ex: Exchange, deadline: float, rename: Callable[[bytes], bytes]) -> None:
         """A Messages backend's events as they are, renamed; usage noted from message_start/message_delta."""
-        self.start()
-        try:
-            for events in ex.events(deadline):
-                if self.ms.started or b"message_st" in events:
-                    events = b"".join(self._passing(e) for e in split_events(events))
-                elif b'"usage"' in events:
-                    for e in split_events(events):
-                        self._passing(e)
-                self.h.sse_chunk(rename(events))
-        except ClientGone:
-            ex.abort()
-            raise
-        ex.close()
+        self.relay(ex, deadline, rename)
         if not self.stopped:
             raise errors.BadGateway("the backend's stream ended before message_stop")
         self.finish()
+
+    def look(self, events: bytes) -> bytes:
+        if self.into.started or b"message_st" in events:
+            return b"".join(self._passing(e) for e in split_events(events))
+        if b'"usage"' in events:
+            for e in split_events(events):
+                self._passing(e)
+        return events
 
     def _passing(self, event: bytes) -> bytes:
         """`event` as it goes on (b"": left out), its usage noted."""
@@ -332,9 +243,9 @@ class _Stream:
         elif name == b"message_stop":
             self.stopped = True
         if name == b"message_start":
-            if self.ms.started:
+            if self.into.started:
                 return b""            # ours went out while it waited
-            self.ms.started = True
+            self.into.started = True
         return event
 
     def _note(self, ev: dict) -> None:
@@ -343,31 +254,18 @@ class _Stream:
             self.usage.update({k: v for k, v in u.items() if v is not None})
 
     def cloud_event(self, ev: dict, model: str) -> None:
-        self.start()
         kind = ev.get("type")
         self._note(ev)
         if kind == "message_start":
-            if self.ms.started:
+            if self.into.started:
                 return
-            self.ms.started = True
+            self.into.started = True
             ev = {**ev, "message": {**(ev.get("message") or {}), "model": model}}
         elif kind == "message_stop":
             self.stopped = True
-        self.h.sse_chunk(sse(str(kind), ev))
+        self.send(sse(str(kind), ev))
 
     def finish(self) -> None:
         if self.usage:
             self.job.usage = openai_usage(self.usage)
         self.job.status = 200
-
-    def done(self) -> None:
-        self.h.end_sse()
-
-    def fail(self, err: errors.SluiceError) -> None:
-        self.job.status = err.status
-        try:
-            self.h.sse_chunk(sse("error", errors.anthropic_body(err)))
-            self.h.end_sse()
-        except ClientGone:
-            pass
-        self.h.close_connection = True

@@ -18,49 +18,62 @@ from datetime import datetime, timezone
 
 from sluice import __version__, errors
 from sluice.config import CLOUD
-from sluice.jobs import JobPath, int_field, show
+from sluice.jobs import JobPath, bool_field, encode, int_field, usage_of
 from sluice.scheduler import Job, Outcome
-from sluice.server import ClientGone, Handler, Route, compact_json
+from sluice.server import Handler, Route, compact_json
+from sluice.streams import Stream
 from sluice.translate_ollama import DETAILS, Answer, bad, ns, options, request, upstream_error
 from sluice.translate_stream import sse_data
-from sluice.upstream import json_body
+from sluice.upstream import Exchange
 
 API_VERSION = "0.12.0"      # the Ollama API level answered by /api/version (clients gate features on it)
-NDJSON = b"\n"
 
 
-class _Lines:
-    """One NDJSON answer: the 200 head (early while queued, or with the first line), lines, the end."""
+def _ndjson(lines: list[dict]) -> bytes:
+    return b"".join(compact_json(x).encode() + b"\n" for x in lines)
+
+
+class _Lines(Stream):
+    """One NDJSON answer: its head goes out with the first line (or while queued, with an empty one)."""
+
+    content_type = "application/x-ndjson"
 
     def __init__(self, h: Handler, job: Job, jobs: JobPath, answer: Answer):
-        self.h, self.job, self.jobs, self.answer = h, job, jobs, answer
-        self.started = False
+        super().__init__(h, job, jobs)
+        self.answer = answer
 
-    def start(self) -> None:
-        if not self.started:
-            self.started = True
-            self.h.start_sse(self.jobs.response_headers(self.job), "application/x-ndjson")
+    def keepalive(self, position: int) -> bytes:
+        return _ndjson([self.answer.line()])
 
-    def send(self, lines: list[dict]) -> None:
+    def error(self, err: errors.SluiceError) -> bytes:
+        return _ndjson([{"error": err.message}])          # Ollama's clients raise on a line with `error`
+
+    def lines(self, lines: list[dict | None]) -> None:
+        lines = [x for x in lines if x is not None]
         if lines:
-            self.start()
-            self.h.sse_chunk(b"".join(compact_json(x).encode() + NDJSON for x in lines))
+            self.send(_ndjson(lines))
 
-    def tick(self, position: int) -> None:
-        self.send([self.answer.line()])
+    def translate(self, ex: Exchange, deadline: float) -> None:
+        """The backend's chat chunks as Ollama's lines; what does not parse is passed over (Ollama's own
+        clients would rather have the rest of the answer than an error)."""
+        with self.reading(ex):
+            for events in ex.events(deadline):
+                sent = []
+                for payload in sse_data(events):
+                    if payload != b"[DONE]":
+                        try:
+                            sent.append(self.answer.chunk(json.loads(payload)))
+                        except (ValueError, AttributeError):
+                            continue
+                self.lines(sent)
+        self.tail()
 
-    def end(self) -> None:
-        self.h.end_sse()
-
-    def fail(self, err: errors.SluiceError) -> None:
-        """An error after the head: Ollama's clients raise on a line with `error`."""
-        self.job.status = err.status
-        try:
-            self.send([{"error": err.message}])
-            self.end()
-        except ClientGone:
-            pass
-        self.h.close_connection = True
+    def tail(self) -> None:
+        """The last lines, once the job is finished (its slot free before they are written)."""
+        self.job.usage = self.answer.usage
+        self.job.status = 200
+        self.jobs.scheduler.finish(self.job, Outcome.OK)
+        self.lines(self.answer.tail())
 
 
 class OllamaApi:
@@ -77,10 +90,6 @@ class OllamaApi:
                 r("GET", "/api/version", self.version), r("POST", "/api/pull", self.pull)]
 
     # ---- models --------------------------------------------------------------------------------------
-    def _names(self) -> list[str]:
-        names = [n for m in self.jobs.settings.models for n in (m.name, *m.aliases)]
-        return names + [CLOUD] if self.jobs.cloud.mode() != "unavailable" else names
-
     def _resolve(self, name) -> str:
         """A configured name or alias; `name:latest` (what Ollama clients add) is the name itself."""
         if isinstance(name, str) and name.endswith(":latest") and name[:-7] in self.jobs.models:
@@ -92,7 +101,7 @@ class OllamaApi:
         return {"name": name, "model": name, "modified_at": when, "size": 0, "digest": "", "details": DETAILS}
 
     def tags(self, h: Handler) -> None:
-        h.respond_json(200, {"models": [self._entry(n) for n in self._names()]})
+        h.respond_json(200, {"models": [self._entry(n) for n in self.jobs.names()]})
 
     def ps(self, h: Handler) -> None:
         """What each gate has loaded: an exclusive gate its resident model; a shared gate the model each
@@ -133,9 +142,7 @@ class OllamaApi:
         s = self.jobs.settings
         body = h.read_json(s.max_body_bytes, big=True)
         model = self._resolve(body.get("model"))
-        stream = body.get("stream", True)
-        if not isinstance(stream, bool):
-            raise bad(f"stream must be true or false, got {show(stream)}", "stream")
+        stream = bool_field(body, "stream", True)
         out, path = request(body, kind)
         if out is None:                   # no prompt: Ollama's "load the model" call, answered at once
             return h.respond_json(200, {**Answer(kind, body["model"], t0).line(done=True), "done_reason": "load"})
@@ -148,93 +155,22 @@ class OllamaApi:
         if model == CLOUD and path != "/chat/completions":
             raise bad(f"model {CLOUD!r} serves chat only (not raw or suffix generate)", "model")
         priority = self.jobs.priority(h, body, model)
-        job = self.jobs.new_job(h, body["model"], model, priority, f"/api/{kind}", stream=stream, timeout_s=None)
-        if s.log_prompts:
-            payload = out.get("messages", out.get("prompt"))
-            job.payload = h.bigs.expand(payload) if h.bigs is not None else payload
+        job = self.jobs.new_job(h, body["model"], model, priority, f"/api/{kind}", stream=stream, timeout_s=None,
+                                payload=out.get("messages", out.get("prompt")))
         answer = Answer(kind, body["model"], t0)
         lines = _Lines(h, job, self.jobs, answer)
-        try:
-            self.jobs.run(h, job, lambda job: self._serve(h, job, path, out, answer, lines),
-                          tick=lines.tick if stream else None)
-        except errors.SluiceError as e:
-            if not lines.started:
-                raise
-            lines.fail(e)
-            return
-        if lines.started:
-            lines.end()
-
-    def _encode(self, h: Handler, out: dict):
-        """The upstream body, long strings (images) put back from the request's own bytes."""
-        data = json.dumps(out).encode()
-        return data if h.bigs is None else h.bigs.encode(data)
+        lines.run(lambda job: self._serve(h, job, path, out, answer, lines))
 
     def _serve(self, h: Handler, job: Job, path: str, out: dict, answer: Answer, lines: _Lines) -> None:
         answer.t_grant = time.monotonic()
         if job.model == CLOUD or job.rerouted:
             return self._serve_cloud(h, job, out, answer, lines)
-        upstream_model = self.jobs.models[job.model].upstream_model
-        up_body = {"model": upstream_model, **out}
-        if self.jobs.backends[job.backend].forward_priority:
-            up_body["priority"] = job.priority
-        deadline = self.jobs.deadline()
-        opened = self.jobs.forward(job, path, self._encode(h, up_body), deadline)
-        if opened is None:
-            return self._serve_cloud(h, job, out, answer, lines)
-        up, ex = opened
-        if not job.stream or ex.status != 200:
-            data = ex.read(deadline)
-            ex.close()
-            if ex.status != 200:
-                raise upstream_error(up.name, ex.status, data)
-            obj = json_body(data, up.name)
-            job.usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-            return self._whole(h, job, answer.whole(obj))
-        try:
-            for events in ex.events(deadline):
-                sent = []
-                for payload in sse_data(events):
-                    if payload != b"[DONE]":
-                        try:
-                            line = answer.chunk(json.loads(payload))
-                        except (ValueError, AttributeError):
-                            continue
-                        if line is not None:
-                            sent.append(line)
-                lines.send(sent)
-        except ClientGone:
-            ex.abort()
-            raise
-        ex.close()
-        self._end_stream(job, answer, lines)
-
-    def _whole(self, h: Handler, job: Job, obj: dict) -> None:
-        job.status = 200
-        self.jobs.scheduler.finish(job, Outcome.OK)       # the slot is free before the answer is written
-        h.respond_json(200, obj, headers=self.jobs.response_headers(job))
-
-    def _end_stream(self, job: Job, answer: Answer, lines: _Lines) -> None:
-        job.usage = answer.usage
-        job.status = 200
-        self.jobs.scheduler.finish(job, Outcome.OK)
-        lines.send(answer.tail())
+        lines.translated(path, {"model": self.jobs.models[job.model].upstream_model, **out}, answer.whole,
+                         lambda: self._serve_cloud(h, job, out, answer, lines), upstream_error)
 
     def _serve_cloud(self, h: Handler, job: Job, out: dict, answer: Answer, lines: _Lines) -> None:
-        body = {"model": CLOUD, **(h.bigs.expand(out) if h.bigs is not None else out)}
-        timeout = self.jobs.settings.cloud_timeout_s
-        if not job.stream:
-            obj = self.jobs.cloud.chat(body, timeout)
-            job.usage = obj.get("usage")
-            return self._whole(h, job, answer.whole(obj))
-        chunks = self.jobs.cloud.chat_stream(body, timeout)
-        try:
-            for chunk in chunks:
-                line = answer.chunk(chunk)
-                lines.send([line] if line is not None else [])
-        finally:
-            chunks.close()
-        self._end_stream(job, answer, lines)
+        lines.cloud_chat({"model": CLOUD, **out}, answer.whole, lambda chunk: lines.lines([answer.chunk(chunk)]),
+                         lines.tail)
 
     # ---- embeddings ----------------------------------------------------------------------------------
     def embed(self, h: Handler, legacy: bool) -> None:
@@ -261,19 +197,15 @@ class OllamaApi:
         grant = time.monotonic()
         up_body = {"model": self.jobs.models[job.model].upstream_model, **out}
         deadline = self.jobs.deadline()
-        opened = self.jobs.forward(job, "/embeddings", self._encode(h, up_body), deadline)
+        opened = self.jobs.forward(job, "/embeddings", encode(h, up_body), deadline)
         if opened is None:
             raise errors.Unavailable(f"no local backend took model {asked!r} for embeddings; retry shortly")
         up, ex = opened
-        data = ex.read(deadline)
-        ex.close()
-        if ex.status != 200:
-            raise upstream_error(up.name, ex.status, data)
-        obj = json_body(data, up.name)
+        _, obj = self.jobs.read_answer(h, job, up.name, ex, deadline, upstream_error)
         items = obj.get("data") if isinstance(obj.get("data"), list) else []
         vectors = [d.get("embedding") for d in sorted((d for d in items if isinstance(d, dict)),
                                                       key=lambda d: d.get("index", 0))]
-        usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+        usage = usage_of(obj) or {}
         job.usage = usage or None
         if legacy:
             answer = {"embedding": vectors[0] if vectors else []}
@@ -282,4 +214,4 @@ class OllamaApi:
                       "load_duration": ns(grant - t0)}
             if isinstance(usage.get("prompt_tokens"), int):
                 answer["prompt_eval_count"] = usage["prompt_tokens"]
-        self._whole(h, job, answer)
+        self.jobs.answer(h, job, answer)

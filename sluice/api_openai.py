@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 from sluice import errors
 from sluice.config import CLOUD
-from sluice.jobs import JobPath, ModelNamer, int_field, num_field, show, with_model
-from sluice.scheduler import Job, Outcome
-from sluice.server import ClientGone, Handler, Route, compact_json
-from sluice.upstream import Exchange, json_body
+from sluice.jobs import JobPath, ModelNamer, bool_field, int_field, num_field, usage_of
+from sluice.scheduler import Job
+from sluice.server import Handler, Route, compact_json
+from sluice.streams import Stream
 
 # Fields whose value changes what sluice does or allows. One of them twice (`"max_tokens":99999,"max_tokens":5`)
 # makes sluice re-encode the body: it checked the last value, and a backend whose parser keeps the first one
@@ -39,20 +38,16 @@ class OpenAIApi:
         ]
 
     # ---- OpenAI-compatible ---------------------------------------------------------------------------
-    def _model_names(self) -> list[str]:
-        names = [n for m in self.jobs.settings.models for n in (m.name, *m.aliases)]
-        return names + [CLOUD] if self.jobs.cloud.mode() != "unavailable" else names
-
     def _model_object(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": int(self.jobs.started_wall), "owned_by": "sluice"}
 
     def list_models(self, h: Handler) -> None:
-        h.respond_json(200, {"object": "list", "data": [self._model_object(n) for n in self._model_names()]})
+        h.respond_json(200, {"object": "list", "data": [self._model_object(n) for n in self.jobs.names()]})
 
     def get_model(self, h: Handler, *parts: str) -> None:
         """GET /v1/models/{id} (the SDKs' models.retrieve); an id may hold slashes."""
         name = "/".join(parts)
-        if name not in self._model_names():
+        if name not in self.jobs.names():
             raise errors.NotFound(f"no model {name!r}; GET /v1/models lists them", param="model",
                                   code="model_not_found")
         h.respond_json(200, self._model_object(name))
@@ -61,9 +56,7 @@ class OpenAIApi:
         s = self.jobs.settings
         body = h.read_json(s.max_body_bytes, big=True)
         model = self.jobs.resolve(body.get("model"), native=False)
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise errors.BadRequest(f"stream must be true or false, got {show(stream)}", param="stream")
+        stream = bool_field(body, "stream", False)
         if path == "/embeddings":
             if stream:
                 raise errors.BadRequest("embeddings cannot be streamed", param="stream")
@@ -83,136 +76,56 @@ class OpenAIApi:
         priority = self.jobs.priority(h, body, model)
         if model == CLOUD and path != "/chat/completions":
             raise errors.BadRequest(f"model {CLOUD!r} serves /v1/chat/completions only", param="model")
-        job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream,
-                           timeout_s=None)
-        if s.log_prompts:
-            payload = body.get("messages", body.get("prompt", body.get("input")))
-            job.payload = h.bigs.expand(payload) if h.bigs is not None else payload
+        job = self.jobs.new_job(h, body.get("model"), model, priority, "/v1" + path, stream=stream, timeout_s=None,
+                                payload=body.get("messages", body.get("prompt", body.get("input"))))
         upstream_model = self.jobs.models[model].upstream_model if model != CLOUD else None
-        sse = _SSE(h, job, self)
-        try:
-            self.jobs.run(h, job, lambda job: self._serve_openai(h, job, path, body, upstream_model, sse),
-                     tick=sse.tick if stream else None)
-        except errors.SluiceError as e:
-            if not sse.started:
-                raise
-            sse.fail(e)   # the 200 head went out while it waited: end the stream with an error event
-            return
-        if sse.started:
-            sse.done()
+        sse = _SSE(h, job, self.jobs)
+        sse.run(lambda job: self._serve_openai(h, job, path, body, upstream_model, sse))
 
     def _serve_openai(self, h: Handler, job: Job, path: str, body: dict, upstream_model: str | None,
                       sse: "_SSE") -> None:
         if job.model == CLOUD or job.rerouted:
             return self._serve_cloud(h, job, body, sse)
-        forward_priority = self.jobs.backends[job.backend].forward_priority
-        # The client's own bytes with only the model swapped, when nothing else changes (the usual request):
-        # no re-encoding, and every other field goes upstream exactly as the client wrote it.
-        raw = h.body
         cap = self.jobs.max_tokens_cap(job.model)
-        capped = cap is not None and path != "/embeddings" and not _within(body, cap)
-        data = None if capped or forward_priority or "priority" in body or \
-            any(raw.count(f) > 1 for f in _DECIDING_FIELDS) else with_model(raw, body["model"], upstream_model)
-        if data is None:
-            out = {**body, "model": upstream_model}
-            if capped:                    # the model's max_tokens limit: what asks for more, or names none
-                asked = [f for f in _TOKEN_FIELDS if f in out] or ["max_tokens"]
-                out.update({f: min(out.get(f) or cap, cap) for f in asked})
-            if forward_priority:
-                out["priority"] = job.priority
-            else:
-                out.pop("priority", None)
-            data = json.dumps(out).encode()
-            if h.bigs is not None:
-                data = h.bigs.encode(data)
+        changes = {}
+        if cap is not None and path != "/embeddings" and not _within(body, cap):
+            # the model's max_tokens limit: on what asks for more, or, naming none, as max_tokens
+            asked = [f for f in _TOKEN_FIELDS if f in body] or ["max_tokens"]
+            changes = {f: min(body.get(f) or cap, cap) for f in asked}
+        data = self.jobs.body_for(h, job, body, upstream_model, _DECIDING_FIELDS, changes)
         deadline = self.jobs.deadline()
         opened = self.jobs.forward(job, path, data, deadline)
         if opened is None:
             return self._serve_cloud(h, job, body, sse)
         up, ex = opened
-        if not job.stream or ex.status != 200:
-            data = ex.read(deadline)
-            ex.close()
-            if ex.status >= 500:
-                raise errors.BadGateway(f"backend {up.name!r} answered {ex.status}: "
-                                        f"{data[:300].decode('utf-8', 'replace')}")
-            if ex.status == 200:
-                obj = json_body(data, up.name)
-                job.usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else None
-            elif job.stream:
-                raise errors.BadGateway(f"backend {up.name!r} answered {ex.status}: "
-                                        f"{data[:300].decode('utf-8', 'replace')}")
-            job.status = ex.status
-            self.jobs.scheduler.finish(job, Outcome.OK if ex.status == 200 else Outcome.ERROR)
-            ctype = ex.headers.get("content-type", "application/json")
-            h.respond(ex.status, ModelNamer(upstream_model, body["model"])(data) if ex.status == 200 else data,
-                      ctype, headers=self.jobs.response_headers(job))
-            return
-        sse.relay(ex, deadline, ModelNamer(upstream_model, body["model"]))
+        sse.pass_through(up.name, ex, deadline, ModelNamer(upstream_model, body["model"]), usage_of)
 
     def _serve_cloud(self, h: Handler, job: Job, body: dict, sse: "_SSE") -> None:
-        if h.bigs is not None:
-            body = h.bigs.expand(body)           # Anthropic gets the real strings
-        timeout = self.jobs.settings.cloud_timeout_s
-        if not job.stream:
-            obj = self.jobs.cloud.chat(body, timeout)
-            job.usage = obj.get("usage")
-            job.status = 200
-            self.jobs.scheduler.finish(job, Outcome.OK)
-            h.respond_json(200, obj, headers=self.jobs.response_headers(job))
-            return
-        chunks = self.jobs.cloud.chat_stream(body, timeout)
-        try:
-            for chunk in chunks:
-                sse.start()
-                if chunk.get("usage"):
-                    job.usage = chunk["usage"]
-                sse.event(b"data: " + compact_json(chunk).encode() + b"\n\n")
-        finally:
-            chunks.close()
+        sse.cloud_chat(body, lambda obj: obj, sse.chunk)
 
 
-class _SSE:
-    """One streamed answer: the 200 head (sent early while queued, or with the first upstream byte),
-    relayed events, and a guaranteed `data: [DONE]`."""
+class _SSE(Stream):
+    """One streamed answer in OpenAI's SSE, which ends with `data: [DONE]` whatever happened."""
 
-    def __init__(self, h: Handler, job: Job, api: "OpenAIApi"):
-        self.h, self.job, self.api = h, job, api
-        self.started = False
+    def __init__(self, h: Handler, job: Job, jobs: JobPath):
+        super().__init__(h, job, jobs)
         self.saw_done = False
 
-    def start(self) -> None:
-        if not self.started:
-            self.started = True
-            self.h.start_sse(self.api.jobs.response_headers(self.job))
-            if self.job.first_byte_at is None:
-                self.job.first_byte_at = time.monotonic()
+    def look(self, events: bytes) -> bytes:
+        """A run of the backend's events, noted: its [DONE], the usage of its last chunk."""
+        if events.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in events:
+            self.saw_done = True       # a line start: JSON strings cannot hold a raw newline
+        if b'"usage"' in events:
+            for line in events.split(b"\n"):
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._usage(line)
+        return events
 
-    def tick(self, position: int) -> None:
-        self.start()
-        self.h.sse_chunk(b": queued position=%d\n\n" % position)
-
-    def event(self, data: bytes) -> None:
-        self.h.sse_chunk(data)
-
-    def relay(self, ex: Exchange, deadline: float, rename=lambda data: data) -> None:
-        """Forward upstream events as they arrive, each renamed to the model the client asked for;
-        comment lines kept; usage noted from the last chunk."""
-        self.start()
-        try:
-            for events in ex.events(deadline):
-                if events.startswith(b"data: [DONE]") or b"\ndata: [DONE]" in events:
-                    self.saw_done = True       # a line start: JSON strings cannot hold a raw newline
-                if b'"usage"' in events:
-                    for line in events.split(b"\n"):
-                        if line.startswith(b"data:") and b'"usage"' in line:
-                            self._usage(line)
-                self.h.sse_chunk(rename(events))
-        except ClientGone:
-            ex.abort()
-            raise
-        ex.close()
-        self.job.status = 200
+    def chunk(self, chunk: dict) -> None:
+        """One chunk of the cloud route's stream."""
+        if chunk.get("usage"):
+            self.job.usage = chunk["usage"]
+        self.send(b"data: " + compact_json(chunk).encode() + b"\n\n")
 
     def _usage(self, line: bytes) -> None:
         try:
@@ -222,17 +135,11 @@ class _SSE:
         if isinstance(usage, dict):
             self.job.usage = usage
 
-    def done(self) -> None:
+    def error(self, err: errors.SluiceError) -> bytes:
+        self.saw_done = False          # the [DONE] goes out after the error, whatever came before
+        return b"data: " + json.dumps(errors.openai_body(err)).encode() + b"\n\n"
+
+    def end(self) -> None:
         if not self.saw_done:
             self.h.sse_chunk(b"data: [DONE]\n\n")
         self.h.end_sse()
-
-    def fail(self, err: errors.SluiceError) -> None:
-        self.job.status = err.status
-        try:
-            self.h.sse_chunk(b"data: " + json.dumps(errors.openai_body(err)).encode() + b"\n\n")
-            self.saw_done = False
-            self.done()
-        except ClientGone:
-            pass
-        self.h.close_connection = True

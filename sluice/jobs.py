@@ -1,6 +1,7 @@
 """The one job path every API shares: resolve the model, admit, wait for a grant (watching the client),
 forward, finish exactly once. Each ingress API (api_native, api_openai, and the adapters beside them)
-validates its own format, builds a Job here and runs it with `JobPath.run`.
+validates its own format, builds a Job here and runs it with `JobPath.run` (through streams.Stream where
+the answer may stream). Also here: the helpers that every API's forward and answer share.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from sluice.bigjson import THRESHOLD
 from sluice.config import CLOUD, Settings
 from sluice.scheduler import Job, Outcome, Scheduler
 from sluice.server import ClientGone, Handler
-from sluice.upstream import Exchange, Upstream
+from sluice.upstream import Exchange, Upstream, json_body
 
 log = logging.getLogger("sluice.api")
 
@@ -53,6 +54,13 @@ def num_field(body: dict, name: str, lo: float, hi: float, default: Any = None) 
         raise errors.BadRequest(f"{name} must be a number from {lo:g} to {hi:g}, got {show(v)}", param=name)
     if not lo <= v <= hi:
         raise errors.BadRequest(f"{name} must be from {lo:g} to {hi:g}, got {v}", param=name)
+    return v
+
+
+def bool_field(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if not isinstance(v, bool):
+        raise errors.BadRequest(f"{name} must be true or false, got {show(v)}", param=name)
     return v
 
 
@@ -118,6 +126,29 @@ def _json_str(s: str) -> bytes:
     return json.dumps(s).encode()
 
 
+def encode(h: Handler, obj: dict) -> bytes | list:
+    """A body sluice built, as the bytes to send: its long strings (images) put back from the client's body."""
+    data = json.dumps(obj).encode()
+    return data if h.bigs is None else h.bigs.encode(data)
+
+
+def expanded(h: Handler, obj: Any) -> Any:
+    """`obj` with the client's long strings in place of their marks: for what needs the real text (the cloud
+    route, the prompt log)."""
+    return obj if h.bigs is None else h.bigs.expand(obj)
+
+
+def usage_of(obj: dict) -> dict | None:
+    """An answer's `usage` object, or None."""
+    return obj.get("usage") if isinstance(obj.get("usage"), dict) else None
+
+
+def answered(backend: str, status: int, data: bytes | str) -> str:
+    """What a backend's failed answer says: its status and the start of its body (or its message)."""
+    text = data if isinstance(data, str) else data[:300].decode("utf-8", "replace")
+    return f"backend {backend!r} answered {status}: {text}"
+
+
 class JobPath:
     def __init__(self, settings: Settings, scheduler: Scheduler, upstreams: dict[str, Upstream], cloud,
                  *, on_backend_refused: Callable[[str], None] | None = None, started: float | None = None,
@@ -167,10 +198,19 @@ class JobPath:
                                     param="priority")
         return int(value)
 
-    def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, **kw) -> Job:
-        """A job for the caller's key: its allowed models, its priority ceiling, its own queue limit."""
+    def names(self) -> list[str]:
+        """The names a client may ask for: models, their aliases, and `cloud` when it can serve."""
+        names = [n for m in self.settings.models for n in (m.name, *m.aliases)]
+        return names + [CLOUD] if self.cloud.mode() != "unavailable" else names
+
+    def new_job(self, h: Handler, asked_model: str, model: str, priority: int, route: str, payload: Any = None,
+                **kw) -> Job:
+        """A job for the caller's key (its allowed models, its priority ceiling, its own queue limit), with its
+        prompt `payload` kept for the request log when SLUICE_LOG_PROMPTS is on."""
         key = getattr(h, "key", None)
         kw["id"] = h.request_id          # one id for the client's X-Request-Id, the log line and the JSONL entry
+        if self.settings.log_prompts:
+            kw["payload"] = expanded(h, payload)
         if kw.get("timeout_s") is None:  # the queue wait: the model's own limit, else the server's
             limit = self.models[model].timeout_s if model in self.models else None
             kw["timeout_s"] = self.settings.queue_timeout_s if limit is None else limit
@@ -238,6 +278,53 @@ class JobPath:
             return None
         job.first_byte_at = time.monotonic()
         return up, ex
+
+    def body_for(self, h: Handler, job: Job, body: dict, upstream_model: str, deciding: tuple[bytes, ...],
+                 changes: dict) -> bytes | list:
+        """What a backend that speaks the client's own API gets: the client's bytes with only the model swapped
+        when nothing else changes (the usual request), so every other field goes upstream exactly as written.
+        Re-encoded when sluice changes a field (`changes`: the model's token limit), when the backend takes
+        the job's priority, or when one of the `deciding` fields (whose value sluice acted on) occurs twice:
+        sluice checked the last value, and a backend whose parser keeps the first must not see another."""
+        forward_priority = self.backends[job.backend].forward_priority
+        raw = h.body
+        if not (changes or forward_priority or "priority" in body or any(raw.count(f) > 1 for f in deciding)):
+            data = with_model(raw, body["model"], upstream_model)
+            if data is not None:
+                return data
+        out = {**body, "model": upstream_model, **changes}
+        if forward_priority:
+            out["priority"] = job.priority
+        else:
+            out.pop("priority", None)
+        return encode(h, out)
+
+    def read_answer(self, h: Handler, job: Job, backend: str, ex: Exchange, deadline: float,
+                    error: Callable[[str, int, bytes], errors.SluiceError] | None = None) -> tuple[bytes, dict] | None:
+        """A backend's whole 200 answer, as bytes and as the JSON object it must be. Any other status raises
+        `error(backend, status, body)` when given (an API with an envelope of its own); else a 5xx, or any
+        error once a stream was asked for, is a 502, and a 4xx is relayed as the backend wrote it (None: the
+        client has its answer), in the OpenAI envelope that both sides speak."""
+        data = ex.read(deadline)
+        ex.close()
+        if ex.status == 200:
+            return data, json_body(data, backend)
+        if error is not None:
+            raise error(backend, ex.status, data)
+        if ex.status >= 500 or job.stream:
+            raise errors.BadGateway(answered(backend, ex.status, data))
+        self.answer(h, job, data, ex.status, ex.headers.get("content-type", "application/json"))
+        return None
+
+    def answer(self, h: Handler, job: Job, data: bytes | dict, status: int = 200,
+               ctype: str = "application/json") -> None:
+        """A whole answer: the job finished first, so its slot is free before the client has read it."""
+        job.status = status
+        self.scheduler.finish(job, Outcome.OK if status == 200 else Outcome.ERROR)
+        if isinstance(data, dict):
+            h.respond_json(status, data, headers=self.response_headers(job))
+        else:
+            h.respond(status, data, ctype, headers=self.response_headers(job))
 
     def deadline(self, timeout: float | None = None) -> float:
         """When the forward must be done: the caller's own timeout, else SLUICE_QUEUE_TIMEOUT from the grant.

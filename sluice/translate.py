@@ -260,7 +260,7 @@ def from_message(msg: dict, model: str) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
     if calls:
         message["tool_calls"] = calls
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+    return {"id": random_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": msg.get("model") or model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason(msg.get("stop_reason"))}],
@@ -504,23 +504,39 @@ def message_usage(u: dict | None) -> dict:
     return {"input_tokens": u.get("prompt_tokens") or 0, "output_tokens": u.get("completion_tokens") or 0}
 
 
+def random_id(prefix: str) -> str:
+    """An id of the shape the APIs' own servers give (`msg_`, `toolu_`, `chatcmpl-`, `resp_` + 24 hex digits)."""
+    return prefix + uuid.uuid4().hex[:24]
+
+
 def new_message_id() -> str:
-    return f"msg_{uuid.uuid4().hex[:24]}"
+    return random_id("msg_")
 
 
 def tool_id() -> str:
-    return f"toolu_{uuid.uuid4().hex[:24]}"
+    return random_id("toolu_")
+
+
+def first_choice(obj: dict, part: str) -> tuple[dict, dict]:
+    """A chat.completion's (or chunk's) first choice and its `part` ("message", "delta"); {} for what is missing."""
+    choices = obj.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    return choice, choice.get(part) if isinstance(choice.get(part), dict) else {}
+
+
+def reply_text(msg: dict):
+    """A chat answer message's content, its parts joined when it came as a list of them."""
+    content = msg.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content
 
 
 def to_message(obj: dict, model: str, stop_sequences: list | None = None) -> dict:
     """An OpenAI chat.completion as an Anthropic message naming `model`: the text as one text block, then a
     tool_use block per tool call (arguments parsed), the finish as stop_reason, usage renamed."""
-    choices = obj.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content = msg.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    choice, msg = first_choice(obj, "message")
+    content = reply_text(msg)
     blocks: list[dict] = [{"type": "text", "text": content}] if isinstance(content, str) and content else []
     for call in msg.get("tool_calls") or []:
         fn = call.get("function") if isinstance(call, dict) else None

@@ -12,7 +12,8 @@ import time
 from datetime import datetime, timezone
 
 from sluice import errors
-from sluice.jobs import int_field, num_field, show
+from sluice.jobs import answered, bool_field, int_field, num_field, show
+from sluice.translate import first_choice
 
 _ROLES = ("system", "user", "assistant", "tool")
 _IMAGE_TYPES = (("/9j/", "image/jpeg"), ("iVBOR", "image/png"), ("R0lGOD", "image/gif"), ("UklGR", "image/webp"))
@@ -217,10 +218,8 @@ class Answer:
 
     def whole(self, obj: dict) -> dict:
         """The non-streamed answer."""
-        choices = obj.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        choice, msg = first_choice(obj, "message")
         self._note(choice, obj.get("usage"))
-        msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
         text = (msg.get("content") if msg else choice.get("text")) or ""
         calls = [_ollama_call(c.get("function")) for c in msg.get("tool_calls") or [] if isinstance(c, dict)]
         self.t_first = self.t_grant
@@ -229,10 +228,8 @@ class Answer:
 
     def chunk(self, obj: dict) -> dict | None:
         """One streamed chunk as a line to send, or None when it carries nothing to show yet."""
-        choices = obj.get("choices")
-        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        choice, delta = first_choice(obj, "delta")
         self._note(choice, obj.get("usage"))
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
         text = (delta.get("content") if delta else choice.get("text")) or ""
         thinking = delta.get("reasoning_content") or delta.get("reasoning")
         for c in delta.get("tool_calls") or []:
@@ -290,9 +287,7 @@ def request(body: dict, kind: str) -> tuple[dict | None, str]:
             return None, ""
         return {"messages": _messages(msgs), **_tools(body), **_format(body)}, "/chat/completions"
     prompt, system, suffix = _string(body, "prompt"), _string(body, "system"), _string(body, "suffix")
-    raw = body.get("raw", False)
-    if not isinstance(raw, bool):
-        raise bad(f"raw must be true or false, got {show(raw)}", "raw")
+    raw = bool_field(body, "raw", False)
     if not prompt and not body.get("images"):
         return None, ""
     if raw or suffix is not None:
@@ -317,5 +312,5 @@ def upstream_error(backend: str, status: int, data: bytes) -> errors.SluiceError
     except ValueError:
         pass
     if status >= 500 or status < 400:
-        return errors.BadGateway(f"backend {backend!r} answered {status}: {text}")
-    return _status_error(status, f"backend {backend!r} answered {status}: {text}")
+        return errors.BadGateway(answered(backend, status, text))
+    return _status_error(status, answered(backend, status, text))

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any
 
 from sluice import errors
+from sluice.translate import first_choice, random_id, reply_text
+from sluice.translate_stream import ChunkStream, sse, tool_arguments
 
 _STORED = {"previous_response_id": "send the whole conversation in `input` instead",
            "conversation": "send the whole conversation in `input` instead",
@@ -267,13 +268,9 @@ def to_chat(body: dict, model: str, cap: int | None = None) -> dict:
 
 
 # ---- the answer ---------------------------------------------------------------------------------------------
-def _id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
 def shell(body: dict, model: str) -> dict:
     """A Response object for this request, not yet answered: the request's settings echoed, no output."""
-    return {"id": _id("resp"), "object": "response", "created_at": int(time.time()), "status": "in_progress",
+    return {"id": random_id("resp_"), "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": None,
@@ -307,7 +304,7 @@ def chat_usage(u: dict | None) -> dict | None:
 
 
 def _message(text: str, status: str = "completed") -> dict:
-    return {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
+    return {"type": "message", "id": random_id("msg_"), "status": status, "role": "assistant",
             "content": [_text_part(text)] if status == "completed" else []}
 
 
@@ -317,15 +314,11 @@ def _text_part(text: str) -> dict:
 
 def _call(call_id: str | None, name: str, arguments: str, spaces: dict[str, str],
           status: str = "completed") -> dict:
-    item = {"type": "function_call", "id": _id("fc"), "call_id": call_id or _id("call"), "name": name,
+    item = {"type": "function_call", "id": random_id("fc_"), "call_id": call_id or random_id("call_"), "name": name,
             "arguments": arguments, "status": status}
     if name in spaces:
         item["namespace"] = spaces[name]
     return item
-
-
-def _arguments(args) -> str:
-    return json.dumps(args) if isinstance(args, dict) else args if isinstance(args, str) else ""
 
 
 def _list(v) -> list:
@@ -347,22 +340,18 @@ def to_response(obj: dict, resp: dict, spaces: dict[str, str] | None = None) -> 
     """A chat.completion as the Response `resp` (from `shell`): the text as a message item, each tool call as
     a function_call item (with its `namespace` from `spaces`, tool_namespaces); finish_reason length ->
     status incomplete (max_output_tokens); usage renamed."""
-    choices = obj.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content = msg.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    choice, msg = first_choice(obj, "message")
+    content = reply_text(msg)
     output = [_message(content)] if isinstance(content, str) and content else []
     for call in _list(msg.get("tool_calls")):
         fn = call.get("function") if isinstance(call, dict) else None
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-            output.append(_call(_str(call.get("id")), fn["name"], _arguments(fn.get("arguments")), spaces or {}))
+            output.append(_call(_str(call.get("id")), fn["name"], tool_arguments(fn.get("arguments")), spaces or {}))
     resp["output"] = output or [_message("")]
     return _finish(resp, choice.get("finish_reason"), obj.get("usage"))
 
 
-class ResponsesStream:
+class ResponsesStream(ChunkStream):
     """One streamed chat.completion in the Responses event grammar. `start()` gives response.created and
     response.in_progress; `feed(chunk)` the events for one chat chunk: a message item opens on the first
     text (output_item.added, content_part.added, then output_text.delta), a function_call item on each new
@@ -372,19 +361,17 @@ class ResponsesStream:
     sends response.failed. Every event has its `sequence_number`."""
 
     def __init__(self, resp: dict, spaces: dict[str, str] | None = None):
+        super().__init__()
         self.resp = resp
         self.spaces = spaces or {}
         self.seq = 0
-        self.started = False
         self.item: dict | None = None     # the output item now open
         self.key: str | None = None       # "text" or "tool:<chat tool call index>"
-        self.finish: str | None = None
-        self.usage: dict | None = None    # chat-style, for the job's log
 
     def _event(self, kind: str, **data) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **data}
         self.seq += 1
-        return b"event: " + kind.encode() + b"\ndata: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+        return sse(kind, data)
 
     def _snapshot(self) -> dict:
         return json.loads(json.dumps(self.resp))
@@ -428,37 +415,21 @@ class ResponsesStream:
         self.resp["output"].append(item)
         return out + self._event("response.output_item.done", output_index=index, item=item)
 
-    def feed(self, chunk: dict) -> bytes:
-        out = self.start()
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return out
-        choice = choices[0]
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            if self.key != "text":
-                out += self._open("text", _message("", status="in_progress"))
-            self.item["text"] += text
-            out += self._event("response.output_text.delta", item_id=self.item["id"],
-                               output_index=len(self.resp["output"]), content_index=0, delta=text, logprobs=[])
-        for call in _list(delta.get("tool_calls")):
-            if not isinstance(call, dict):
-                continue
-            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            key = f"tool:{call.get('index', 0)}"
-            if self.key != key:
-                out += self._open(key, _call(_str(call.get("id")), _str(fn.get("name")), "", self.spaces,
-                                                 status="in_progress"))
-            args = _arguments(fn.get("arguments"))
-            if args:
-                self.item["arguments"] += args
-                out += self._event("response.function_call_arguments.delta", item_id=self.item["id"],
-                                   output_index=len(self.resp["output"]), delta=args)
-        if isinstance(choice.get("finish_reason"), str):
-            self.finish = choice["finish_reason"]
+    def text(self, text: str) -> bytes:
+        out = self._open("text", _message("", status="in_progress")) if self.key != "text" else b""
+        self.item["text"] += text
+        return out + self._event("response.output_text.delta", item_id=self.item["id"],
+                                 output_index=len(self.resp["output"]), content_index=0, delta=text, logprobs=[])
+
+    def tool(self, key: str, call: dict, fn: dict, arguments: str) -> bytes:
+        out = b""
+        if self.key != key:
+            out = self._open(key, _call(_str(call.get("id")), _str(fn.get("name")), "", self.spaces,
+                                        status="in_progress"))
+        if arguments:
+            self.item["arguments"] += arguments
+            out += self._event("response.function_call_arguments.delta", item_id=self.item["id"],
+                               output_index=len(self.resp["output"]), delta=arguments)
         return out
 
     def end(self) -> bytes:

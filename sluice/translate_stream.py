@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, Iterable, Iterator
 
 from sluice import errors
-from sluice.translate import finish_reason, message_usage, new_message_id, openai_usage, stop_reason, tool_id
+from sluice.translate import (finish_reason, first_choice, message_usage, new_message_id, openai_usage, random_id,
+                              stop_reason, tool_id)
 
 
 class Chunker:
     """Makes the chunks of one streamed answer: one id, one created time, one model."""
 
     def __init__(self, model: str):
-        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.id = random_id("chatcmpl-")
         self.model = model
         self.created = int(time.time())
 
@@ -86,7 +86,60 @@ def sse_data(events: bytes) -> Iterator[bytes]:
             yield line[5:].strip()
 
 
-class MessagesStream:
+def chat_chunks(events: bytes, backend: str | None) -> tuple[list[dict], bool]:
+    """The chat chunks in a run of a backend's SSE events, and whether the run ended the stream ([DONE]). An
+    event that is not JSON, or an error event, is a 502: the answer cannot be translated on."""
+    chunks = []
+    for data in sse_data(events):
+        if data == b"[DONE]":
+            return chunks, True
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise errors.BadGateway(f"backend {backend!r} sent a stream event that is not JSON: "
+                                    f"{data[:200].decode('utf-8', 'replace')}") from None
+        if isinstance(chunk, dict):
+            if isinstance(chunk.get("error"), dict):
+                raise errors.BadGateway(f"backend {backend!r} failed mid-stream: {chunk['error'].get('message')}")
+            chunks.append(chunk)
+    return chunks, False
+
+
+def tool_arguments(args) -> str:
+    """A tool call's arguments as JSON text: some servers send the whole object at once."""
+    return json.dumps(args) if isinstance(args, dict) else args if isinstance(args, str) else ""
+
+
+class ChunkStream:
+    """What the chat-chunk translators (MessagesStream here, translate_responses.ResponsesStream) share:
+    `feed(chunk)` notes the chunk's usage and finish_reason and hands its text to `text(text)` and each
+    tool-call delta to `tool(key, call, fn, arguments)` (key: "tool:<index>"); they make the events."""
+
+    def __init__(self):
+        self.started = False
+        self.finish: str | None = None
+        self.choice: dict = {}            # the choice that carried the finish_reason
+        self.usage: dict | None = None    # chat-style, for the job's log
+
+    def feed(self, chunk: dict) -> bytes:
+        out = self.start()
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choice, delta = first_choice(chunk, "delta")
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out += self.text(text)
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
+            if isinstance(call, dict):
+                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                out += self.tool(f"tool:{call.get('index', 0)}", call, fn, tool_arguments(fn.get("arguments")))
+        if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
+            self.finish, self.choice = choice["finish_reason"], choice
+        return out
+
+
+class MessagesStream(ChunkStream):
     """Turns one streamed chat.completion into Anthropic's event grammar: message_start, then per block
     content_block_start / content_block_delta (text_delta, input_json_delta) / content_block_stop, then
     message_delta (stop_reason, usage) and message_stop. `feed(chunk)` and `end()` return the SSE bytes to send.
@@ -94,14 +147,11 @@ class MessagesStream:
     input_json_delta); a new kind of block closes the open one."""
 
     def __init__(self, model: str, stop_sequences: list | None = None):
+        super().__init__()
         self.model = model
         self.stop_sequences = stop_sequences
-        self.started = False
         self.index = -1                   # the Anthropic block now open (-1: none)
         self.open: str | None = None      # "text" or "tool:<OpenAI tool index>"
-        self.finish: str | None = None
-        self.choice: dict = {}
-        self.usage: dict | None = None    # OpenAI-style, for the job's log
         self.tools = False
         self.ended = False
 
@@ -126,39 +176,20 @@ class MessagesStream:
         return out + sse("content_block_start", {"type": "content_block_start", "index": self.index,
                                                   "content_block": block})
 
-    def feed(self, chunk: dict) -> bytes:
-        out = self.start()
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return out
-        choice = choices[0]
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            if self.open != "text":
-                out += self._begin("text", {"type": "text", "text": ""})
+    def text(self, text: str) -> bytes:
+        out = self._begin("text", {"type": "text", "text": ""}) if self.open != "text" else b""
+        return out + sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                 "delta": {"type": "text_delta", "text": text}})
+
+    def tool(self, key: str, call: dict, fn: dict, arguments: str) -> bytes:
+        out = b""
+        if self.open != key:
+            self.tools = True
+            out = self._begin(key, {"type": "tool_use", "id": call.get("id") or tool_id(),
+                                    "name": fn.get("name") or "", "input": {}})
+        if arguments:
             out += sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                               "delta": {"type": "text_delta", "text": text}})
-        for call in delta.get("tool_calls") or []:
-            if not isinstance(call, dict):
-                continue
-            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            key = f"tool:{call.get('index', 0)}"
-            if self.open != key:
-                self.tools = True
-                out += self._begin(key, {"type": "tool_use", "id": call.get("id") or tool_id(),
-                                         "name": fn.get("name") or "", "input": {}})
-            args = fn.get("arguments")
-            if isinstance(args, dict):        # some servers send the whole object at once
-                args = json.dumps(args)
-            if isinstance(args, str) and args:
-                out += sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                   "delta": {"type": "input_json_delta", "partial_json": args}})
-        if choice.get("finish_reason"):
-            self.finish = choice["finish_reason"]
-            self.choice = choice
+                                               "delta": {"type": "input_json_delta", "partial_json": arguments}})
         return out
 
     def end(self) -> bytes:
