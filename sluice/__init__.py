@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 P_CRITICAL, P_HIGH, P_NORMAL, P_LOW, P_BG = range(5)
 
-__all__ = ["sluice", "SluiceClient", "AsyncSluiceClient", "P_CRITICAL", "P_HIGH", "P_NORMAL", "P_LOW", "P_BG", "__version__"]
+__all__ = ["sluice", "SluiceClient", "AsyncSluiceClient", "P_CRITICAL", "P_HIGH", "P_NORMAL", "P_LOW", "P_BG",
+           "__version__"]
 
 
 def __getattr__(name: str):

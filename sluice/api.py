@@ -1,8 +1,8 @@
-"""The client-facing APIs, wired over the one job path (jobs.py): sluice-native (api_native.py) and
+"""The client-facing APIs, wired over the one job path (jobs.py): sluice-native (api_native.py),
 OpenAI-compatible (api_openai.py), and the ingress adapters beside them: Anthropic Messages
-(api_anthropic.py), OpenAI Responses (api_responses.py), Ollama (api_ollama.py). Each route validates its input completely before anything reaches
-the scheduler (invariant 7), then runs the same life of a job: submit -> wait for a grant (watching the
-client) -> forward -> finish once.
+(api_anthropic.py), OpenAI Responses (api_responses.py), Ollama (api_ollama.py). Each route validates its
+input completely before anything reaches the scheduler (invariant 7), then runs the same life of a job:
+submit -> wait for a grant (watching the client) -> forward -> finish once.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Callable
 
 from sluice import errors
 from sluice.config import CLOUD
-from sluice.jobs import JobPath, int_field, num_field, str_field
+from sluice.jobs import JobPath, answered, int_field, num_field, str_field
 from sluice.scheduler import Health, Job
 from sluice.server import Handler, Route
 from sluice.upstream import json_body, strip_think
@@ -63,7 +63,7 @@ class NativeApi:
             data = ex.read(deadline)
             ex.close()
             if ex.status != 200:
-                raise errors.BadGateway(f"backend {up.name!r} answered {ex.status}: {data[:300].decode('utf-8', 'replace')}")
+                raise errors.BadGateway(answered(up.name, ex.status, data))
             obj = json_body(data, up.name)
             try:
                 text = obj["choices"][0]["message"]["content"]

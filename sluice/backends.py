@@ -44,7 +44,8 @@ def process_spec(b: "BackendConfig", settings: "Settings") -> ProcessSpec:
                         log_dir=settings.log_dir, env=dict(b.env), start=b.start,
                         start_timeout_s=b.start_timeout_s, stop_timeout_s=b.stop_timeout_s,
                         start_retries=b.start_retries, unhealthy_after=b.unhealthy_after,
-                        sleep_timeout_s=b.sleep_timeout_s, idle_unload_s=idle or None, probe_interval_s=settings.health_interval_s, **extra)
+                        sleep_timeout_s=b.sleep_timeout_s, idle_unload_s=idle or None,
+                        probe_interval_s=settings.health_interval_s, **extra)
     except ValueError as e:
         raise ConfigError(str(e) if str(e).startswith("backends.") else f"backends.{b.name}: {e}") from None
 

@@ -412,7 +412,8 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
     gate_names = {g.name for g in gates}
     for b in backends:
         if b.gate not in gate_names:
-            raise ConfigError(f"backends.{b.name}.gate: no gate named {b.gate!r} (gates: {', '.join(sorted(gate_names))})")
+            raise ConfigError(f"backends.{b.name}.gate: no gate named {b.gate!r} "
+                              f"(gates: {', '.join(sorted(gate_names))})")
         if not b.url and not b.managed:
             raise ConfigError(f"backends.{b.name}.url: required (or give engine/command to have sluice run it)")
         if b.managed and b.url:
@@ -443,7 +444,8 @@ def _keys_table(doc: dict, env: Mapping[str, str], model_names: set[str]) -> tup
     for where, t in _named_list(doc, "keys"):
         extra = set(t) - {"name", "key", "key_env"} - set(parsers)
         if extra:
-            raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown setting (known: key, key_env, {', '.join(parsers)})")
+            raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown setting "
+                              f"(known: key, key_env, {', '.join(parsers)})")
         if ("key" in t) == ("key_env" in t):
             raise ConfigError(f"{where}: give exactly one of key or key_env")
         if "key_env" in t:
