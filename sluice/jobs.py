@@ -163,10 +163,23 @@ class JobPath:
         self.started = started if started is not None else time.monotonic()
 
     def reconfigure(self, settings: Settings) -> None:
-        # One assignment per attribute: a request thread sees the old or the new mapping, never half.
-        self.models = {n: m for m in settings.models for n in (m.name, *m.aliases)}
-        self.backends = {b.name: b for b in settings.backends}
-        self.settings = settings
+        # One assignment: a request thread sees the old table or the new one, never parts of both.
+        self._table = (settings, {n: m for m in settings.models for n in (m.name, *m.aliases)},
+                       {b.name: b for b in settings.backends})
+
+    @property
+    def settings(self) -> Settings:
+        return self._table[0]
+
+    @property
+    def models(self) -> dict:
+        """Model name or alias -> ModelConfig."""
+        return self._table[1]
+
+    @property
+    def backends(self) -> dict:
+        """Backend name -> BackendConfig."""
+        return self._table[2]
 
     # ---- helpers -----------------------------------------------------------------------------------
     def resolve(self, name: Any, native: bool) -> str:
