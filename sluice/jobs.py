@@ -160,6 +160,7 @@ class JobPath:
         self._refused = on_backend_refused or (lambda name: None)
         self._use_backend = use_backend or (lambda name, timeout: contextlib.nullcontext())
         self.started_wall = time.time()
+        self.clock = scheduler.clock           # one clock for a job's times: the scheduler's (tests inject one)
         self.started = started if started is not None else time.monotonic()
 
     def reconfigure(self, settings: Settings) -> None:
@@ -243,7 +244,7 @@ class JobPath:
         model = self.models.get(job.model)
         if model is not None and model.fallback and job.route in _FALLBACK_ROUTES \
                 and self.cloud.mode() != "unavailable":
-            job.fallback_at = time.monotonic() + model.fallback_after_s
+            job.fallback_at = self.clock() + model.fallback_after_s
         self.scheduler.submit(job)  # raises the refusal (queue full, backend down); the job is already finished
         try:
             with h.server.watcher.watch(h.connection, lambda: self.scheduler.cancel(job)):
@@ -251,7 +252,7 @@ class JobPath:
                 if job.backend is None:
                     serve(job)
                 else:
-                    with self._use_backend(job.backend, max(0.001, job.deadline - time.monotonic())):
+                    with self._use_backend(job.backend, max(0.001, job.deadline - self.clock())):
                         serve(job)
         except errors.SluiceError as e:
             if job.abort_error is not None:          # sluice itself cut it short (e.g. a drain timeout)
@@ -289,7 +290,7 @@ class JobPath:
             log.warning("req=%s backend %s refused; falling back to the cloud route", job.id, job.backend)
             self.scheduler.reroute(job)
             return None
-        job.first_byte_at = time.monotonic()
+        job.first_byte_at = self.clock()
         return up, ex
 
     def body_for(self, h: Handler, job: Job, body: dict, upstream_model: str, deciding: tuple[bytes, ...],
@@ -342,5 +343,5 @@ class JobPath:
     def deadline(self, timeout: float | None = None) -> float:
         """When the forward must be done: the caller's own timeout, else SLUICE_QUEUE_TIMEOUT from the grant.
         One deadline covers the whole attempt chain (the one allowed reconnect included)."""
-        return time.monotonic() + (timeout or self.settings.queue_timeout_s)
+        return time.monotonic() + (timeout or self.settings.queue_timeout_s)   # upstream I/O's own clock
 

@@ -60,6 +60,11 @@ def model_table(settings: Settings, manifests: Mapping[str, Iterable[str]],
     return tuple(out), source
 
 
+def _limits(models: Iterable[ModelConfig]) -> dict[str, int]:
+    """Each model's max_concurrency, for the scheduler (a model without one is not named)."""
+    return {m.name: m.max_concurrency for m in models if m.max_concurrency is not None}
+
+
 class ModelTable:
     """The table and its writers; `models` and `sources` are replaced whole, so readers need no lock."""
 
@@ -86,7 +91,8 @@ class ModelTable:
     def bind(self, scheduler, publish: Callable[[Settings], None]) -> None:
         """Where changes go: the scheduler (`set_models`), then `publish(effective settings)`."""
         self._scheduler, self._publish = scheduler, publish
-        scheduler.set_models({}, known=[m.name for m in self.models])   # a queue even before a backend has it
+        scheduler.set_models({}, known=[m.name for m in self.models],   # a queue even before a backend has it
+                             limits=_limits(self.models))
 
     def manifest(self, backend: str) -> list[str] | None:
         """What a backend serves as sluice knows it (None: a discovering backend that has not told yet)."""
@@ -151,6 +157,7 @@ class ModelTable:
         self._retiring = {n: m for n, m in self._retiring.items() if sources.get(n) == "retiring"}
         serving = {b.name: frozenset(m.name for m in models if b.name in m.backends)
                    for b in self._settings.backends}
-        self._scheduler.set_models(serving, known=[m.name for m in models], retired=self._retiring, reason=reason)
+        self._scheduler.set_models(serving, known=[m.name for m in models], retired=self._retiring,
+                                   limits=_limits(models), reason=reason)
         self.models, self.sources = models, sources
         self._publish(self.effective())

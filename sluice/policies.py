@@ -65,7 +65,6 @@ from the configuration. `inflight` is carried for the scheduler (it drains befor
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -99,8 +98,8 @@ class SwitchCosts:
     Both are exponential moving averages. Until a pair is measured its switch cost is the configured guess
     (`seeds[(from, to)]`, else `seed_s`); until a model has finished a job its service time is `service_s`.
     The first measurement replaces the guess (a measurement beats a guess); later ones move the average by
-    `alpha`. `from` is None for a wake with nothing resident. Thread-safe: the scheduler reads under its
-    own lock while switch threads and finishing requests write.
+    `alpha`. `from` is None for a wake with nothing resident. Not locked itself: every reader and writer
+    (the dispatcher, a switch thread handing its gate back, a finishing request) holds the scheduler's lock.
     """
 
     def __init__(self, seed_s: float = 5.0, alpha: float = 0.3,
@@ -113,19 +112,16 @@ class SwitchCosts:
         self._guess = dict(seeds or {})
         self._switch: dict[tuple[str | None, str], float] = {}
         self._service: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def get(self, frm: str | None, to: str) -> float:
-        with self._lock:
-            ema = self._switch.get((frm, to))
-            return ema if ema is not None else self._guess.get((frm, to), self._seed)
+        ema = self._switch.get((frm, to))
+        return ema if ema is not None else self._guess.get((frm, to), self._seed)
 
     def observe(self, frm: str | None, to: str, seconds: float) -> None:
         self._update(self._switch, (frm, to), seconds)
 
     def service(self, model: str) -> float:
-        with self._lock:
-            return self._service.get(model, self._service_seed)
+        return self._service.get(model, self._service_seed)
 
     def observe_service(self, model: str, seconds: float) -> None:
         self._update(self._service, model, seconds)
@@ -137,9 +133,8 @@ class SwitchCosts:
     def _update(self, table: dict, key, seconds: float) -> None:
         if not math.isfinite(seconds) or seconds < 0:
             return                       # a clock glitch must not poison the average
-        with self._lock:
-            old = table.get(key)
-            table[key] = seconds if old is None else old + self._alpha * (seconds - old)
+        old = table.get(key)
+        table[key] = seconds if old is None else old + self._alpha * (seconds - old)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------

@@ -1,210 +1,48 @@
-"""Jobs and the Scheduler: admission, priority queues, aging, cancellation and every grant.
+"""The Scheduler: admission, waiting, cancellation, finishing and every grant.
 
 Lock contract (as in CPython's queue.py): one mutex, `self._lock`, guards every field of the scheduler,
-of each Job's scheduling state and of each Gate's counters. `self._work` (a Condition on that lock) is
-notified whenever a grant might have become possible: a job arrived, a slot freed, a backend's health
-changed. Grants are decided only under the lock: inline on submit when the gate is idle with nothing
-waiting (the fast path), otherwise by the one dispatcher thread.
+of each Job's scheduling state, of the Queues (queues.py), of the Pool with its Gates and Backends
+(gates.py), and of the Switcher's state and SwitchCosts (switching.py, policies.py), which share it.
+`self._work` (a Condition on that lock) is notified whenever a grant might have become possible: a job
+arrived, a slot freed, a backend's health changed, a switch handed its gate back. Grants are decided only
+under the lock: inline on submit when the gate is idle with nothing waiting (the fast path), otherwise by
+the one dispatcher thread. Exclusive gates are switched by the Switcher: decided on the dispatcher's
+pass, run on a switch thread that calls the backends without the lock.
 
-Queues are one `_Level` per (model, priority): FIFO per client, clients interleaved fairly. Each client's
-head is its oldest job, so the most-aged job of a level is among the heads: a level ranks by the best
-*effective* priority of its heads (priority improved one level per `aging_s` waited), which gives exact
-aging without re-heaping (see docs/design.md).
+Lock order, the one place it is written down (a lock may be taken while holding those before it, never
+the other way round):
+
+    ModelTable._lock (models.py)  ->  the scheduler's lock  ->  an upstream Exchange's _lock (upstream.py)
+                                                           ->  a waiting job's Event (Job.wake)
+
+The Exchange arrow is the cancel hooks: a drain that times out (`_abort_gate_locked`) calls the in-flight
+jobs' hooks under the scheduler's lock. A hook is `Exchange.abort`, which takes only its own lock around
+a socket shutdown and never calls back into the scheduler, so it cannot block or deadlock. Nothing else
+runs under the lock: the switcher's backend calls, `on_switch`, the `on_finish` observers, SSE ticks and a
+client's `cancel()` hook are all called after it is released. The supervisor asks `busy()` outside its
+own lock (supervisor.py).
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import Callable, Iterable, Mapping
 
 from sluice import errors
 from sluice import policies
-from sluice.gates import Gate, SwitchOrder
-from sluice.ids import new_id
-from sluice.policies import GateView, SwitchCosts, Waiting, next_deadline
+from sluice.gates import Backend, BackendSpec, Gate, Health, Pool
+from sluice.policies import GateView, SwitchCosts
+from sluice.queues import COUNTER, LEVELS, Job, JobState, Outcome, Queues
+from sluice.switching import Switcher
+
+# Where the rest of sluice (and the tests) import them from; they live in gates.py and queues.py.
+__all__ = ["BackendSpec", "Health", "Job", "JobState", "Outcome", "Scheduler"]
 
 log = logging.getLogger("sluice.scheduler")
-
-LEVELS = 5  # priorities 0 (P_CRITICAL) .. 4 (P_BG)
-
-
-class Outcome(str, enum.Enum):
-    OK = "ok"
-    REJECTED = "rejected"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-    ERROR = "error"
-
-
-class Health(str, enum.Enum):
-    PENDING = "pending"   # not probed yet
-    READY = "ready"
-    DOWN = "down"         # its probe failed (on an exclusive gate that may just mean asleep: not trusted)
-    FAILED = "failed"     # a managed backend out of restarts: down everywhere until an operator loads it
-
-
-class JobState(enum.Enum):
-    NEW = 0
-    QUEUED = 1
-    GRANTED = 2
-    DONE = 3
-
-
-_COUNTER = {Outcome.OK: "served", Outcome.REJECTED: "rejected", Outcome.TIMEOUT: "timed_out",
-            Outcome.CANCELLED: "cancelled", Outcome.ERROR: "failed"}      # the totals key of each outcome
-
-
-@dataclass(eq=False)
-class Job:
-    model: str                      # canonical model name (aliases resolved), or "cloud"
-    priority: int = 2
-    route: str = "/v1/query"
-    payload: Any = None
-    stream: bool = False
-    timeout_s: float = 300.0
-    id: str = field(default_factory=new_id)
-    client: str | None = None       # API key name, for logs and fair share
-    max_queued: int | None = None   # that key's limit on its own queued jobs (429 beyond)
-    # Set by the scheduler:
-    seq: int = 0
-    tag: int = 0                    # fair-queuing tag within its priority level
-    state: JobState = JobState.NEW
-    enqueued_at: float = 0.0
-    deadline: float = 0.0
-    granted_at: float | None = None
-    finished_at: float | None = None
-    backend: str | None = None
-    gate: str | None = None
-    outcome: Outcome | None = None
-    error: errors.SluiceError | None = None
-    # Recorded by the request's thread while it serves the job:
-    status: int = 0
-    first_byte_at: float | None = None
-    usage: dict | None = None
-    cancel_hook: Callable[[], None] | None = None  # closes the upstream connection of a job in flight
-    abort_error: errors.SluiceError | None = None  # why sluice (not the client) aborted it
-    fallback_at: float | None = None  # when still queued at this time, leave the queue for the cloud route
-    rerouted: bool = False            # it left its gate for the cloud route (fallback)
-    _signal: threading.Event | None = field(default=None, repr=False)   # made by a waiter, under the lock
-
-    def wake(self) -> None:
-        """Wake the thread waiting for this job, if one is (the scheduler calls this under its lock)."""
-        if self._signal is not None:
-            self._signal.set()
-
-    @property
-    def wait_s(self) -> float:
-        end = self.granted_at if self.granted_at is not None else self.finished_at
-        return max(0.0, (end or self.enqueued_at) - self.enqueued_at)
-
-
-class _Level:
-    """The queue of one (model, priority): FIFO per client, clients interleaved by start-time fair queuing.
-
-    A job's tag is max(level virtual time, its client's last tag) + 1, so a client with 500 queued jobs
-    holds tags V+1..V+500 while another client's single job gets V+1 and runs next. With one client (no
-    API keys) tags follow arrival order: plain FIFO.
-    """
-
-    __slots__ = ("by_client", "vtime", "last_tag", "n")
-
-    def __init__(self):
-        self.by_client: dict[str | None, deque[Job]] = {}
-        self.vtime = 0
-        self.last_tag: dict[str | None, int] = {}
-        self.n = 0
-
-    def push(self, job: "Job") -> None:
-        job.tag = max(self.vtime, self.last_tag.get(job.client, 0)) + 1
-        self.last_tag[job.client] = job.tag
-        self.by_client.setdefault(job.client, deque()).append(job)
-        self.n += 1
-
-    def pass_through(self, job: "Job") -> None:
-        """A job granted with nothing queued: tags and virtual time move as if it was queued and granted."""
-        job.tag = self.vtime = max(self.vtime, self.last_tag.pop(job.client, 0)) + 1
-
-    def remove(self, job: "Job", granted: bool = False) -> None:
-        d = self.by_client[job.client]
-        if d[0] is job:
-            d.popleft()
-        else:
-            d.remove(job)
-        self.n -= 1
-        if granted:
-            self.vtime = max(self.vtime, job.tag)
-        if not d:
-            del self.by_client[job.client]
-            if self.last_tag.get(job.client, 0) <= self.vtime:
-                self.last_tag.pop(job.client, None)   # an idle client starts again from the virtual time
-
-    def heads(self):
-        return [d[0] for d in self.by_client.values()]
-
-    def nominee(self) -> "Job":
-        """The fair next job of this level."""
-        return min((d[0] for d in self.by_client.values()), key=lambda j: (j.tag, j.seq))
-
-    def __iter__(self):
-        return (j for d in self.by_client.values() for j in d)
-
-    def __len__(self) -> int:
-        return self.n
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """What the scheduler needs to know of a backend: where it sits and what it serves."""
-    name: str
-    gate: str
-    models: frozenset[str]
-    slots: int | None = None      # None: as many as the gate allows
-    jit_swap: bool = False        # loads models on demand (LM Studio JIT): never mix models in flight
-
-
-@dataclass
-class _Backend:
-    spec: BackendSpec
-    gate: Gate
-    slots: int
-    inflight: int = 0
-    health: Health = Health.PENDING
-    current: str | None = None    # the model it last served (affinity; JIT drain guard while inflight)
-    reserved: bool = False        # JIT: draining so a better-placed job for another model can load
-    why: str | None = None        # what made it FAILED
-
-    @property
-    def out(self) -> bool:
-        """It cannot take work now. A failed probe on an exclusive gate does not count: a sleeping backend
-        fails its probe, and waking it is the switch's job."""
-        return self.health is Health.FAILED or (self.health is Health.DOWN and not self.gate.exclusive)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def models(self) -> frozenset[str]:
-        return self.spec.models
-
-    def can_take(self, model: str) -> bool:
-        if self.inflight >= self.slots or not self.gate.has_slot():
-            return False
-        if self.gate.exclusive:
-            # Only the resident model's backend is awake; a failed probe of a sleeping one means nothing.
-            if self.gate.resident != model or self.gate.drain_target is not None or self.gate.order is not None:
-                return False
-        elif self.health is not Health.READY:
-            return False
-        # Drain guard: a server that swaps models on demand must finish model A before it sees model B,
-        # and takes no more A while a B that is ahead in the queue waits for it to drain.
-        return not (self.spec.jit_swap and self.inflight and (self.current != model or self.reserved))
 
 
 class Scheduler:
@@ -212,8 +50,8 @@ class Scheduler:
 
     `gates`: GateConfig list; `backends`: BackendSpec list. `clock` is injected (monotonic seconds) so
     tests drive aging, timeouts and switch decisions without sleeping. `switcher(backend, action)` puts a
-    backend to sleep or wakes it ("sleep" / "wake"), raising on failure; it runs on a switch thread.
-    """
+    backend to sleep, stops or wakes it ("sleep" / "stop" / "wake"), raising on failure; it runs on a switch
+    thread (see sluice/switching.py)."""
 
     def __init__(self, gates, backends: list[BackendSpec], *,
                  max_queue_depth: int = 20, aging_s: float = 60.0,
@@ -227,33 +65,40 @@ class Scheduler:
         self._idle = threading.Condition(self._lock)   # no job is in flight
         self._idle_waiters = 0                          # notify only then: a notify costs the request path
         self._clock = clock
-        self.aging_s = aging_s
+        self.clock = clock          # the request path times jobs on the scheduler's clock too
+        self._queued = Queues(aging_s)
         self.max_queue_depth = max_queue_depth
         self._on_finish = on_finish
-        self._gates = {g.name: Gate(g) for g in gates}
-        self._backends = {b.name: _Backend(b, self._gates[b.gate], b.slots or self._gates[b.gate].slots)
-                          for b in backends}
-        self._switcher = switcher or (lambda backend, action: None)
-        self._on_switch = on_switch
-        self._decide = decide or policies.decide      # injectable: a test's failing policy
+        self._pool = Pool(gates, backends)
+        self._gates, self._backends = self._pool.gates, self._pool.backends
+        self._switching = Switcher(
+            self._work, self._gates.values(), clock=clock, act=switcher or (lambda backend, action: None),
+            on_switch=on_switch, decide=decide or policies.decide,   # injectable: a test's failing policy
+            waiting=self._queued.waiting, fail_waiting=self._fail_waiting_locked, abort=self._abort_gate_locked,
+            finished=self._notify_finished)
+        self._costs = self._switching.costs
         self._fault: str | None = None     # the last dispatch pass that raised, until one passes again
-        self._costs = {g.name: SwitchCosts(seed_s=g.switch_cost_s) for g in gates}
-        self._queues: dict[str, list[_Level]] = {}
         for b in self._backends.values():
             for m in b.models:
-                self._queues.setdefault(m, [_Level() for _ in range(LEVELS)])
+                self._queued.add(m)
         self._seq = itertools.count()
-        self._depth = 0
         # granted and not finished, in grant order; keyed by the job itself (a client's X-Request-Id may repeat)
         self._active: dict[Job, None] = {}
         self._closed: errors.SluiceError | None = None
         self._closing = False             # close() (shutdown) is final; a drain() can be resumed
         self._retired: frozenset[str] = frozenset()   # models that take no new jobs (see set_models)
-        self._stale_switch: set[str] = set()          # gates whose running switch the model table overtook
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.totals = dict.fromkeys(("received", "served", "rejected", "timed_out", "cancelled", "failed"), 0)
         self._latency_sum = 0.0
+
+    @property
+    def aging_s(self) -> float:
+        return self._queued.aging_s
+
+    @aging_s.setter
+    def aging_s(self, value: float) -> None:
+        self._queued.aging_s = value    # a reload; one float, read under the lock
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -284,7 +129,7 @@ class Scheduler:
         """Stop admitting; answer every queued job with `error`. Returns how many were answered."""
         with self._lock:
             self._closed, self._closing = error, True
-            queued = [j for qs in self._queues.values() for q in qs for j in q]
+            queued = list(self._queued.jobs())
             for job in queued:
                 self._finish_locked(job, Outcome.REJECTED, error)
         self._notify_finished(queued)
@@ -297,7 +142,7 @@ class Scheduler:
         """Whether a backend has work in flight or waiting (idle unload must not happen then)."""
         with self._lock:
             b = self._backends[backend]
-            return b.inflight > 0 or any(len(q) for m in b.models for q in self._queues[m])
+            return b.inflight > 0 or self._queued.has(b.models)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no granted job is in flight; False if some still are after `timeout` seconds."""
@@ -333,17 +178,16 @@ class Scheduler:
             elif err is not None:
                 self._finish_locked(job, Outcome.REJECTED, err)
                 finished = job
-            elif job.model not in self._queues:       # cloud: no gate, no queue
+            elif job.model not in self._queued:       # cloud: no gate, no queue
                 self._grant_locked(job, None, now)
             else:
-                free = self._candidates_locked(job.model)
-                if free and not self._depth:
-                    self._queues[job.model][job.priority].pass_through(job)   # nothing waits: no queue to pass
+                free = self._pool.candidates(job.model)
+                if free and not self._queued.depth:
+                    self._queued.pass_through(job)   # nothing waits: no queue to pass
                     self._grant_locked(job, free[0], now)
                 else:
                     job.state = JobState.QUEUED
-                    self._queues[job.model][job.priority].push(job)
-                    self._depth += 1
+                    self._queued.push(job)
                     if not self._grant_fast_locked(job, free, now):
                         self._work.notify()
         if finished is not None:
@@ -353,23 +197,24 @@ class Scheduler:
     def _refusal_locked(self, job: Job) -> errors.SluiceError | None:
         if self._closed is not None:
             return self._closed
-        if job.model not in self._queues:
+        if job.model not in self._queued:
             return None
         if job.max_queued is not None:
-            mine = sum(len(q.by_client.get(job.client, ())) for qs in self._queues.values() for q in qs)
+            mine = self._queued.of_client(job.client)
             if mine >= job.max_queued:
                 return errors.TooManyRequests(
                     f"key {job.client!r} already has {mine} queued request(s), its max_queued; retry later",
                     retry_after=1)
-        if self._depth >= self.max_queue_depth:
+        depth = self._queued.depth
+        if depth >= self.max_queue_depth:
             return errors.QueueFull(
-                f"queue full ({self._depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
+                f"queue full ({depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
                 "retry later or raise the limit", retry_after=1,
-                headers={"X-Queue-Position": str(self._depth + 1)})
+                headers={"X-Queue-Position": str(depth + 1)})
         if job.model in self._retired:
             return errors.NotFound(f"model {job.model!r} was removed from the configuration; it takes no new "
                                    "requests", param="model", code="model_not_found")
-        return self._unservable_locked(job.model)
+        return self._pool.unservable(job.model)
 
     def wait(self, job: Job, tick: Callable[[int], None] | None = None,
              first_tick_s: float = 10.0, tick_every_s: float = 5.0) -> None:
@@ -390,7 +235,7 @@ class Scheduler:
                     err = errors.QueueTimeout(
                         f"waited {job.timeout_s:g}s in the queue without a free slot; "
                         "retry later, raise the timeout, or use a higher priority",
-                        headers={"X-Queue-Position": str(self._position_locked(job, now))})
+                        headers={"X-Queue-Position": str(self._queued.position(job, now))})
                     self._finish_locked(job, Outcome.TIMEOUT, err)
                     break
                 if job.fallback_at is not None and now >= job.fallback_at:
@@ -400,10 +245,8 @@ class Scheduler:
                 if job.fallback_at is not None:
                     due = min(due, job.fallback_at - now)
                 if due <= 0 and tick is not None:
-                    position = self._position_locked(job, now)
-                if job._signal is None:       # most jobs are granted inline and never wait: no Event for them
-                    job._signal = threading.Event()
-                signal = job._signal
+                    position = self._queued.position(job, now)
+                signal = job.waiter()
             if tick is not None and due <= 0:
                 tick(position)           # outside the lock: it writes to the client's socket
                 next_tick += tick_every_s
@@ -473,18 +316,22 @@ class Scheduler:
             b.health, b.why = health, why
             if b.out:
                 for model in b.models:
-                    self._strand_locked(model, self._unservable_locked(model), failed)
+                    self._strand_locked(model, self._pool.unservable(model), failed)
             self._work.notify()
         self._notify_finished(failed)
 
     def set_models(self, serving: Mapping[str, Iterable[str]], *, known: Iterable[str] = (),
-                   retired: Iterable[str] | None = None, reason: str = "is no longer served by any backend") -> None:
+                   retired: Iterable[str] | None = None, limits: Mapping[str, int] | None = None,
+                   reason: str = "is no longer served by any backend") -> None:
         """Replace which models backends serve, all in one step under the lock (manifest discovery, reload).
 
         `serving`: backend name -> every model it serves from now on (backends not named keep theirs; the
         set of backends itself is fixed). `known`: models that get a queue even while no backend serves them
         (their jobs are refused 503 until one does). `retired`, when given, replaces the set of models that
         take no new jobs but still serve the ones queued (a model a reload removed, until its queue empties).
+        `limits`, when given, replaces each model's max_concurrency (model -> jobs in flight at once across
+        its backends; a model not named has none): a model at its limit is passed over, its jobs keep their
+        place, and other models' jobs go ahead; lowering a limit cancels nothing in flight.
 
         One step matters: a model moving from backend A to B never passes through "served by nobody".
         Jobs in flight are not touched (they finish where they are). Queued jobs of a model some backend
@@ -501,55 +348,34 @@ class Scheduler:
                 b = self._backends[name]
                 new = frozenset(models)
                 if new != b.spec.models:
-                    self._unsettle_gate_locked(b, new)
+                    self._switching.unsettle_locked(b, new)
                     b.spec = replace(b.spec, models=new)
             for m in itertools.chain(known, (m for b in self._backends.values() for m in b.models)):
-                if m not in self._queues:
-                    self._queues[m] = [_Level() for _ in range(LEVELS)]
+                self._queued.add(m)
             if retired is not None:
                 self._retired = frozenset(retired)
+            if limits is not None:
+                self._pool.limits = dict(limits)
             # Queues are kept even when empty and unserved: a request that resolved the model a moment
             # before the change must meet a clear 503 here, not be taken for a gate-less (cloud) job.
-            for model, qs in self._queues.items():
-                if any(qs):
-                    self._strand_locked(model, self._unservable_locked(model, reason), failed)
+            for model in self._queued.models():
+                if self._queued.has([model]):
+                    self._strand_locked(model, self._pool.unservable(model, reason), failed)
             self._work.notify()
         self._notify_finished(failed)
 
     def has_jobs(self, model: str) -> bool:
         """Whether any job for `model` is queued or in flight."""
         with self._lock:
-            return any(self._queues.get(model, ())) or any(j.model == model for j in self._active)
+            return self._queued.has([model]) or any(j.model == model for j in self._active)
 
     # ---- internals (all *_locked: caller holds self._lock) -----------------------------------------
-    def _unservable_locked(self, model: str, unserved: str | None = None) -> errors.SluiceError | None:
-        """Why no backend can take `model` now (none serves it: `unserved` says why, all failed, all down);
-        None while one can."""
-        backends = []
-        for b in self._backends.values():
-            if model in b.models:
-                if not b.out:
-                    return None                  # the usual answer, found without building the rest
-                backends.append(b)
-        if not backends:
-            why = f"model {model!r} {unserved}" if unserved else \
-                f"no backend serves model {model!r} right now (none is configured for it or lists it at /v1/models)"
-            return errors.Unavailable(f"{why}; retry later", retry_after=5)
-        if all(b.health is Health.FAILED for b in backends):
-            why = "; ".join(f"{b.name}: {b.why}" if b.why else b.name for b in backends)
-            return errors.Unavailable(f"model {model!r} cannot be served: its backend failed and is not restarted "
-                                      f"on its own ({why}); see /admin/status, then POST /admin/models/{model}/load "
-                                      "to try again", retry_after=30)
-        return errors.Unavailable(
-            f"no backend for model {model!r} is up ({', '.join(b.name for b in backends)} down); "
-            "start the inference server or check its URL, and retry when it is back", retry_after=5)
-
     def _strand_locked(self, model: str, err: errors.SluiceError | None, failed: list[Job]) -> None:
         """Every queued job of `model` has nowhere to go (`err` says why; None: it has somewhere, nothing to
         do): to the cloud route if it may, else failed now."""
         if err is None:
             return
-        for job in [j for q in self._queues[model] for j in q]:
+        for job in list(self._queued.jobs([model])):
             if job.fallback_at is not None:
                 self._reroute_locked(job, self._clock())
                 job.wake()
@@ -557,37 +383,14 @@ class Scheduler:
             self._finish_locked(job, Outcome.ERROR, err)
             failed.append(job)
 
-    def _unsettle_gate_locked(self, b: _Backend, new: frozenset[str]) -> None:
-        """`b` is about to serve `new`. On an exclusive gate, if that changes which backends serve the
-        resident model, the backend awake for it may no longer be the one that serves it (or a sleeping one
-        now claims it): forget the resident, so the next grant goes through a full switch that drains, puts
-        every other backend to sleep and wakes the right one."""
-        gate = b.gate
-        if not gate.exclusive:
-            return
-        if gate.switching:
-            self._stale_switch.add(gate.name)     # the switch thread forgets it when it hands the gate back
-        elif gate.resident is not None and (gate.resident in b.models) != (gate.resident in new):
-            gate.resident = None
-
-    def _position_locked(self, job: Job, now: float) -> int:
-        key = (self._effective(job, now), job.seq)
-        return 1 + sum(1 for qs in self._queues.values() for q in qs for j in q
-                       if (self._effective(j, now), j.seq) < key)
-
-    def _remove_locked(self, job: Job, granted: bool = False) -> None:
-        self._queues[job.model][job.priority].remove(job, granted)
-        self._depth -= 1
-
     def _let_go_locked(self, job: Job) -> None:
         """Take a job out of its queue, or give back the slot it holds."""
         if job.state is JobState.QUEUED:
-            self._remove_locked(job)
+            self._queued.remove(job)
         elif job.state is JobState.GRANTED and job.backend is not None:
             b = self._backends[job.backend]
-            b.inflight -= 1
-            b.gate.inflight -= 1
-            if self._depth or b.gate.exclusive:     # wake the dispatcher only when a grant may follow
+            self._pool.give_back(b, job.model)
+            if self._queued.depth or b.gate.exclusive:     # wake the dispatcher only when a grant may follow
                 self._work.notify()
 
     def _finish_locked(self, job: Job, outcome: Outcome, error: errors.SluiceError | None) -> None:
@@ -603,7 +406,7 @@ class Scheduler:
         job.state = JobState.DONE
         job.outcome, job.error = outcome, error
         job.finished_at = self._clock()
-        self.totals[_COUNTER[outcome]] += 1
+        self.totals[COUNTER[outcome]] += 1
         if outcome is Outcome.OK:
             self._latency_sum += job.finished_at - job.enqueued_at
         job.wake()
@@ -616,21 +419,18 @@ class Scheduler:
                 except Exception:  # a broken observer must never break the request path
                     log.exception("on_finish observer failed for job %s", job.id)
 
-    def _grant_locked(self, job: Job, backend: _Backend | None, now: float) -> None:
+    def _grant_locked(self, job: Job, backend: Backend | None, now: float) -> None:
         if job.state is JobState.QUEUED:
-            self._remove_locked(job, granted=True)
+            self._queued.remove(job, granted=True)
         if backend is not None:
-            backend.inflight += 1
-            backend.current = job.model
-            backend.gate.inflight += 1
-            backend.gate.served_since_switch += 1
+            self._pool.take(backend, job.model)
             job.backend, job.gate = backend.name, backend.gate.name
         job.state = JobState.GRANTED
         job.granted_at = now
         self._active[job] = None
         job.wake()
 
-    def _grant_fast_locked(self, job: Job, free: list[_Backend], now: float) -> bool:
+    def _grant_fast_locked(self, job: Job, free: list[Backend], now: float) -> bool:
         """Grant a just-queued job inline, on one of the backends `free` to take it, when its gate has nothing
         else waiting (no thread hop)."""
         for b in free:
@@ -639,98 +439,39 @@ class Scheduler:
                 return True
         return False
 
-    def _candidates_locked(self, model: str, gate: Gate | None = None) -> list[_Backend]:
-        """Backends (on `gate`, if given) that can take `model` now: the one that already has it loaded
-        first (affinity), then the least loaded."""
-        free = [b for b in self._backends.values()
-                if model in b.models and (gate is None or b.gate is gate) and b.can_take(model)]
-        if len(free) < 2:
-            return free
-        return sorted(free, key=lambda b: (b.current != model, b.inflight / b.slots))
-
     def _waiting_on_locked(self, gate: Gate) -> int:
-        models = {m for b in self._backends.values() if b.gate is gate for m in b.models}
-        return sum(len(q) for m in models for q in self._queues[m])
+        return self._queued.count(gate.models())
 
-    def _effective(self, job: Job, now: float) -> int:
-        return max(0, job.priority - int((now - job.enqueued_at) / self.aging_s))
-
-    def _best_locked(self, models, now: float) -> Job | None:
-        """Each non-empty level nominates its fair next job; a level ranks by its most-aged job (each
-        client's head is that client's oldest), so aging lifts a level as soon as any of its jobs waited."""
-        best, best_key = None, None
-        for m in models:
-            for q in self._queues[m]:
-                if q:
-                    job = q.nominee()
-                    key = (min(self._effective(h, now) for h in q.heads()), job.seq)
-                    if best_key is None or key < best_key:
-                        best, best_key = job, key
-        return best
+    def _fail_waiting_locked(self, model: str, err: errors.SluiceError) -> list[Job]:
+        """Answer every queued job of `model` with `err` (its switch failed); returns them."""
+        failed = list(self._queued.jobs([model]))
+        for job in failed:
+            self._finish_locked(job, Outcome.ERROR, err)
+        return failed
 
     def _dispatch_locked(self) -> float | None:
         """Grant what can be granted; returns when a time-based decision is next due (or None)."""
         now = self._clock()
         due: list[float] = []
         for gate in self._gates.values():
-            when = self._dispatch_exclusive_locked(gate, now) if gate.exclusive else None
+            when = self._switching.dispatch_locked(gate, now) if gate.exclusive else None
             if when is not None:
                 due.append(when)
         # Shared gates (and the resident model of exclusive ones): best job among the models that a free
-        # backend can take. A job blocked on one gate never blocks another gate (no head-of-line blocking).
-        self._reserve_jit_locked(now)
+        # backend can take. A job blocked on one gate never blocks another gate, nor a model at its
+        # max_concurrency the other models of its gate (no head-of-line blocking).
+        self._pool.reserve_jit(lambda models: self._queued.best(models, now))
         progress = True
-        while progress and self._depth:
+        while progress and self._queued.depth:
             progress = False
             for gate in self._gates.values():
                 if not gate.has_slot():
                     continue
-                runnable = {m for b in self._backends.values() if b.gate is gate for m in b.models
-                            if b.can_take(m)}
-                job = self._best_locked(runnable, now)
+                job = self._queued.best(self._pool.runnable(gate), now)
                 if job is not None:
-                    self._grant_locked(job, self._candidates_locked(job.model, gate)[0], now)
+                    self._grant_locked(job, self._pool.candidates(job.model, gate)[0], now)
                     progress = True
         return min(due, default=None)
-
-    def _reserve_jit_locked(self, now: float) -> None:
-        """A swapping server whose best waiting job is for another model drains: it takes nothing more."""
-        for b in self._backends.values():
-            if b.spec.jit_swap:
-                best = self._best_locked(b.models, now) if b.inflight else None
-                b.reserved = best is not None and best.model != b.current
-
-    def _gate_models_locked(self, gate: Gate) -> set[str]:
-        return {m for b in self._backends.values() if b.gate is gate for m in b.models}
-
-    def _dispatch_exclusive_locked(self, gate: Gate, now: float) -> float | None:
-        """Decide whether an exclusive gate keeps serving its resident model or switches (drain first)."""
-        if gate.switching:
-            return None
-        if gate.order is not None:
-            return self._run_order_locked(gate, now)
-        models = self._gate_models_locked(gate)
-        waiting = tuple(Waiting(j.model, self._effective(j, now), j.seq, j.enqueued_at)
-                        for m in models for q in self._queues[m] for j in q)
-        view = GateView(now=now, resident=gate.resident, inflight=gate.inflight,
-                        resident_since=gate.resident_since, served_since_switch=gate.served_since_switch,
-                        waiting=waiting, max_wait_s=gate.config.max_wait_s, min_active_s=gate.config.min_active_s)
-        target = self._decide(gate.config.policy, view, self._costs[gate.name]) if waiting else None
-        if target is None or target == gate.resident:
-            gate.drain_target = gate.drain_started = None   # nothing to switch to (a cancel can end a drain)
-            return next_deadline(view, self._costs[gate.name]) if waiting else None
-        if gate.drain_target != target:
-            gate.drain_target, gate.drain_started = target, now
-        if gate.inflight:
-            deadline = gate.drain_started + gate.config.drain_timeout_s
-            if now < deadline:
-                return min(deadline, next_deadline(view, self._costs[gate.name]) or deadline)
-            self._abort_gate_locked(gate, errors.Unavailable(
-                f"cancelled after {gate.config.drain_timeout_s:g}s: gate {gate.name!r} must switch to model "
-                f"{target!r} (drain_timeout_s); retry", retry_after=1))
-            return None
-        self._start_switch_locked(gate, target, now)
-        return None
 
     def _abort_gate_locked(self, gate: Gate, err: errors.SluiceError) -> None:
         hooks = []
@@ -739,149 +480,9 @@ class Scheduler:
                 job.abort_error = err
                 if job.cancel_hook is not None:
                     hooks.append(job.cancel_hook)
-        # Hooks only shut sockets down; calling them under the lock cannot block.
+        # Hooks only shut sockets down; calling them under the lock cannot block (see the lock order above).
         for hook in hooks:
             hook()
-
-    def _run_order_locked(self, gate: Gate, now: float) -> float | None:
-        """An operator's order overrides the policy: drain the resident if the order takes it down, then
-        switch. Returns when to look again (the drain timeout), or None."""
-        order = gate.order
-        if order.target is not None or order.evict == gate.resident:
-            if gate.inflight:
-                if gate.drain_started is None:
-                    gate.drain_started = now
-                deadline = gate.drain_started + gate.config.drain_timeout_s
-                if now < deadline:
-                    return deadline
-                self._abort_gate_locked(gate, errors.Unavailable(
-                    f"cancelled after {gate.config.drain_timeout_s:g}s: an operator took model {gate.resident!r} "
-                    f"off gate {gate.name!r} (drain_timeout_s); retry", retry_after=1))
-                return None
-        self._start_switch_locked(gate, order.target, now, order)
-        return None
-
-    def _start_switch_locked(self, gate: Gate, target: str | None, now: float,
-                             order: SwitchOrder | None = None) -> None:
-        old = gate.resident
-        gate.switching = True
-        gate.order = None                 # it travels with the switch thread now
-        drain_s = now - gate.drain_started if gate.drain_started is not None else 0.0
-        gate.drain_target = gate.drain_started = None
-        mine = [b for b in self._backends.values() if b.gate is gate]
-        if target is not None:
-            sleepers = [b.name for b in mine if target not in b.models and (old is None or old in b.models)]
-            wakers = [b.name for b in mine if target in b.models]
-        else:                             # evict: its backends go down, unless one also serves the resident
-            sleepers = [b.name for b in mine if order.evict in b.models
-                        and (old is None or old == order.evict or old not in b.models)]
-            wakers = []
-        how = order.how if order is not None else "sleep"
-        threading.Thread(target=self._switch, args=(gate, old, target, sleepers, wakers, drain_s, how, order),
-                         name=f"sluice-switch-{gate.name}", daemon=True).start()
-
-    def _take_down(self, gate: Gate, sleepers: list[str], how: str) -> str | None:
-        """Put every sleeper to sleep (or stop it); None once each is verified asleep or gone, else why not.
-        A failed sleep falls back to "stop", which for a server sluice does not run means: seen asleep
-        (`/is_sleeping`) or gone. Anything else leaves it possibly awake, so the switch must not wake another."""
-        for name in sleepers:
-            try:
-                self._switcher(name, how)
-                continue
-            except Exception as e:
-                if how != "sleep":
-                    return f"{how} {name} failed: {e}"
-                log.warning("gate %s: sleeping %s failed (%s); stopping it instead", gate.name, name, e)
-                first = e
-            try:
-                self._switcher(name, "stop")
-            except Exception as e2:
-                return f"putting {name} to sleep failed ({first}) and it is neither stopped nor seen asleep ({e2})"
-        return None
-
-    def _switch(self, gate: Gate, old: str | None, target: str | None, sleepers: list[str], wakers: list[str],
-                drain_s: float, how: str = "sleep", order: SwitchOrder | None = None) -> None:
-        """Runs off the dispatcher: take the old model down, bring the new one up, then hand the gate back.
-        Whatever happens here (a bug included), the gate is handed back and waiting jobs are answered."""
-        t0 = t1 = t2 = self._clock()
-        phases = {"from": old, "to": target, "drain_s": round(drain_s, 3)}
-        failure = aborted = None
-        try:
-            aborted = self._take_down(gate, sleepers, how)
-            t1 = self._clock()
-            if aborted is None:
-                for name in wakers:
-                    try:
-                        self._switcher(name, "wake")
-                    except Exception as e:
-                        failure = f"waking {name} failed: {e}"
-                        break
-            t2 = self._clock()
-        except Exception as e:        # a bug in the switch itself: fail safe (the old model may be awake)
-            log.exception("gate %s: switch %s -> %s crashed", gate.name, old, target)
-            aborted = f"the switch crashed: {e!r}"
-        result = "aborted" if aborted else "failed" if failure else "ok"
-        phases.update(sleep_s=round(t1 - t0, 3), wake_s=round(t2 - t1, 3), result=result)
-        failed: list[Job] = []
-        try:
-            with self._lock:
-                self._hand_back_locked(gate, old, target, wakers, order, phases, failure, aborted, t0, t2, failed)
-            if aborted:
-                log.error("gate %s: switch %s -> %s aborted, %s stays loaded: %s", gate.name, old, target, old,
-                          aborted)
-            elif failure:
-                log.error("gate %s: switch %s -> %s failed: %s", gate.name, old, target, failure)
-            else:
-                log.info("gate %s: switched %s -> %s (drain %.2fs, sleep %.2fs, wake %.2fs)", gate.name, old,
-                         target, drain_s, t1 - t0, t2 - t1)
-            if self._on_switch is not None:
-                try:
-                    self._on_switch(gate.name, phases)
-                except Exception:
-                    log.exception("gate %s: on_switch callback failed", gate.name)
-        finally:
-            self._notify_finished(failed)
-            if order is not None:
-                if order.result is None and order.error is None:
-                    order.error = errors.Unavailable("the switch ended without a result; see the log")
-                order.done.set()
-
-    def _hand_back_locked(self, gate: Gate, old, target, wakers, order, phases, failure, aborted,
-                          t0: float, t2: float, failed: list[Job]) -> None:
-        gate.switching = False
-        gate.last_switch = phases
-        stale = gate.name in self._stale_switch
-        self._stale_switch.discard(gate.name)
-        err = None
-        if aborted:
-            # Nothing was woken: the old model stays resident. The target's waiting jobs are answered now.
-            gate.switch_failures += 1
-            err = errors.Unavailable(f"model {target or order.evict!r} was not switched: {aborted}; "
-                                     f"{old!r} stays loaded; retry later", retry_after=5)
-        elif failure is None:
-            if target is not None:
-                gate.resident, gate.resident_since, gate.served_since_switch = target, t2, 0
-                gate.switches += 1
-                for name in wakers:
-                    self._backends[name].health = Health.READY
-                self._costs[gate.name].observe(old, target, t2 - t0)
-            elif order is not None and old == order.evict:
-                gate.resident = None
-            if stale:      # the model table changed under the switch: the next grant switches afresh
-                gate.resident = None
-        else:
-            # Nothing is awake now; fail this model's waiting jobs fast so the next model can go.
-            gate.resident = None
-            gate.switch_failures += 1
-            err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",
-                                     retry_after=5)
-        if err is not None and target is not None:
-            for job in [j for q in self._queues[target] for j in q]:
-                failed.append(job)
-                self._finish_locked(job, Outcome.ERROR, err)
-        if order is not None:
-            order.result, order.error = dict(phases, resident=gate.resident), err
-        self._work.notify()
 
     def _dispatch_loop(self) -> None:
         with self._lock:
@@ -904,22 +505,7 @@ class Scheduler:
         `how` = "sleep" or "stop") through the same drain -> sleep -> wake path as a request-driven switch.
         Blocks until done. Raises Conflict while another switch runs or is ordered, Unavailable when it
         failed, was aborted or did not finish within `timeout`."""
-        with self._lock:
-            g = self._gates[gate]
-            if not g.exclusive:
-                raise ValueError(f"gate {gate!r} is not exclusive")
-            if g.switching or g.order is not None:
-                raise errors.Conflict(f"a model switch is running on gate {gate!r}; retry when it ends")
-            if target is not None and target == g.resident:
-                return {"from": target, "to": target, "result": "ok", "resident": target}
-            order = g.order = SwitchOrder(target, evict, how)
-            self._work.notify()
-        if not order.done.wait(timeout):
-            raise errors.Unavailable(f"the switch on gate {gate!r} is still running after {timeout:g}s; "
-                                     "see /admin/status", retry_after=5)
-        if order.error is not None:
-            raise order.error
-        return order.result
+        return self._switching.order(gate, target, evict, how, timeout)
 
     def dispatch_once(self) -> float | None:
         """One dispatch pass, as the dispatcher thread makes it (for tests driving an injected clock).
@@ -954,23 +540,21 @@ class Scheduler:
         """A consistent view for status pages: counters add up because they are read under one lock."""
         with self._lock:
             now = self._clock()
-            waiting = sorted((j for qs in self._queues.values() for q in qs for j in q),
-                             key=lambda j: (self._effective(j, now), j.seq))
+            waiting = self._queued.ordered(now)
             served = self.totals["served"]
             return {
-                "pending": self._depth,
+                "pending": self._queued.depth,
                 "active": len(self._active),
                 "totals": dict(self.totals), "draining": self._closed is not None,
                 "avg_latency_ms": round(1000 * self._latency_sum / served) if served else 0,
                 "waiting": [{"id": j.id, "model": j.model, "priority": j.priority,
-                             "effective_priority": self._effective(j, now), "age_s": round(now - j.enqueued_at, 3),
-                             "position": i + 1} for i, j in enumerate(waiting)],
+                             "effective_priority": self._queued.effective(j, now),
+                             "age_s": round(now - j.enqueued_at, 3), "position": i + 1}
+                            for i, j in enumerate(waiting)],
                 "active_jobs": [{"id": j.id, "model": j.model, "priority": j.priority, "backend": j.backend,
                                  "gate": j.gate, "elapsed_s": round(now - (j.granted_at or now), 3)}
                                 for j in self._active],
                 "gates": {g.name: g.view() for g in self._gates.values()},
                 "dispatcher": self.dispatcher_problem(),
-                "backends": {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots,
-                                      "gate": b.gate.name, "current": b.current, "models": sorted(b.models)}
-                             for b in self._backends.values()},
+                "backends": self._pool.view(),
             }

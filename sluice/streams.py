@@ -11,7 +11,6 @@ a relayed stream: usage, the end) and, for NDJSON, the content type.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Iterator
 
 from sluice import errors
@@ -61,7 +60,7 @@ class Stream:
             self.started = True
             self.h.start_sse(self.jobs.response_headers(self.job), self.content_type)
             if self.job.first_byte_at is None:
-                self.job.first_byte_at = time.monotonic()
+                self.job.first_byte_at = self.jobs.clock()
 
     def tick(self, position: int) -> None:
         self.send(self.keepalive(position))

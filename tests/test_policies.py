@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 
 import pytest
 
@@ -178,22 +177,6 @@ def test_service_ema_and_alpha_bounds():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError):
             SwitchCosts(alpha=bad)
-
-
-def test_switch_costs_are_thread_safe():
-    c = SwitchCosts(alpha=0.1)
-
-    def work(seconds):
-        for _ in range(2000):
-            c.observe("a", "b", seconds)
-            c.get("a", "b")
-
-    threads = [threading.Thread(target=work, args=(s,)) for s in (4.0, 6.0, 4.0, 6.0)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert 4.0 <= c.get("a", "b") <= 6.0
 
 
 # ---- next_deadline -----------------------------------------------------------------------------------

@@ -418,3 +418,112 @@ def test_retired_model_takes_no_new_jobs_but_serves_its_queued_ones():
     assert not s.has_jobs("b")
     s.set_models({}, retired=())
     s.submit(Job("b"))                                   # back in service
+
+
+# ---- per-model max_concurrency ---------------------------------------------------------------------------
+def limited(limits, slots=3, clock=None):
+    """One backend serving a and b on a gate of `slots`, with per-model `limits`."""
+    s, clock = make(slots=slots, models=("a", "b"), clock=clock)
+    s.set_models({}, limits=limits)
+    return s, clock
+
+
+def granted(jobs: list[Job]) -> list[str]:
+    return [j.id for j in jobs if j.state is JobState.GRANTED]
+
+
+def test_a_model_at_its_limit_waits_while_other_models_behind_it_are_granted():
+    s, _ = limited({"a": 1})
+    jobs = [Job("a", id="a1"), Job("a", id="a2"), Job("b", id="b1"), Job("b", id="b2")]
+    for j in jobs:
+        s.submit(j)
+    s.dispatch_once()
+    assert granted(jobs) == ["a1", "b1", "b2"]      # a2 is first in line but a is at its limit: no HOL block
+    s.finish(jobs[2], Outcome.OK)                   # a freed slot of another model does not lift a's limit
+    s.dispatch_once()
+    assert jobs[1].state is JobState.QUEUED
+    s.finish(jobs[0], Outcome.OK)                   # a finish of a makes it grantable again
+    s.dispatch_once()
+    assert jobs[1].state is JobState.GRANTED and jobs[1].backend == "b1"
+
+
+def test_max_concurrency_keeps_priorities_fifo_and_aging_within_the_model():
+    s, clock = limited({"a": 1})
+    running = Job("a", id="running")
+    s.submit(running)
+    old = Job("a", priority=4, id="old")
+    s.submit(old)
+    clock.t += 121                                  # two aging periods: old is at effective priority 2
+    jobs = [old] + [Job("a", priority=p, id=f"p{p}-{i}") for i, p in enumerate([2, 0, 2])]
+    for j in jobs[1:]:
+        s.submit(j)
+    s.dispatch_once()
+    assert s.active() == [running]                  # the gate has free slots; a has none
+    s.finish(running, Outcome.OK)
+    assert grant_order(s, jobs) == ["p0-1", "old", "p2-0", "p2-2"]
+
+
+def test_max_concurrency_counts_a_models_jobs_across_its_backends():
+    clock = Clock()
+    s = Scheduler([GateConfig("g1", slots=2), GateConfig("g2", slots=2)],
+                  [BackendSpec("b1", "g1", frozenset({"a"})), BackendSpec("b2", "g2", frozenset({"a", "b"}))],
+                  clock=clock)
+    for b in ("b1", "b2"):
+        s.set_health(b, Health.READY)
+    s.set_models({}, limits={"a": 2})
+    jobs = [Job("a", id=f"a{i}") for i in range(4)] + [Job("b", id="b0")]
+    for j in jobs:
+        s.submit(j)
+    s.dispatch_once()
+    assert granted(jobs) == ["a0", "a1", "b0"]      # two a in flight, over both backends; b still goes
+    s.finish(jobs[0], Outcome.OK)
+    s.dispatch_once()
+    assert granted(jobs) == ["a1", "a2", "b0"]
+
+
+def test_limits_are_replaced_by_set_models_and_kept_when_not_given():
+    s, _ = limited({"a": 1})
+    jobs = [Job("a", id=f"a{i}") for i in range(3)]
+    for j in jobs:
+        s.submit(j)
+    s.set_models({}, known=["c"])                   # no limits given: a's stays
+    s.dispatch_once()
+    assert granted(jobs) == ["a0"]
+    s.set_models({}, limits={"a": 2})               # raised (a reload): one more goes at once
+    s.dispatch_once()
+    assert granted(jobs) == ["a0", "a1"]
+    s.set_models({}, limits={})                     # removed: a is bounded by the gate's slots only
+    s.dispatch_once()
+    assert granted(jobs) == ["a0", "a1", "a2"]
+    s.set_models({}, limits={"a": 1})               # lowered below what runs: nothing in flight is touched
+    assert len(s.active()) == 3
+    late = Job("a", id="late")
+    for j in jobs:
+        s.finish(j, Outcome.OK)
+    s.submit(late)
+    assert late.state is JobState.GRANTED
+
+
+def test_max_concurrency_on_an_exclusive_gate_holds_the_resident_without_switching_away():
+    clock, switched = Clock(), threading.Semaphore(0)
+    calls = []
+    s = Scheduler([GateConfig("gpu", slots=2, mode="exclusive", policy="cost-aware")],
+                  [BackendSpec("A", "gpu", frozenset({"a"})), BackendSpec("B", "gpu", frozenset({"b"}))],
+                  clock=clock, switcher=lambda b, action: calls.append((b, action)),
+                  on_switch=lambda gate, phases: switched.release())
+    s.set_models({}, limits={"a": 1})
+    first = Job("a", id="a1")
+    s.submit(first)
+    s.dispatch_once()                               # nothing resident: wake a
+    assert switched.acquire(timeout=5)
+    s.dispatch_once()
+    assert first.state is JobState.GRANTED
+    second, other = Job("a", id="a2"), Job("b", id="b1")
+    s.submit(second)
+    s.submit(other)
+    s.dispatch_once()
+    assert second.state is JobState.QUEUED and other.state is JobState.QUEUED   # a free slot, but a is at its limit
+    assert s.snapshot()["gates"]["gpu"]["state"] == "serving"                   # and the gate is not drained for b
+    s.finish(first, Outcome.OK)
+    s.dispatch_once()
+    assert second.state is JobState.GRANTED and calls == [("B", "sleep"), ("A", "wake")]   # one switch only
