@@ -98,9 +98,9 @@ class Sim:
 
     def _dispatch(self) -> float | None:
         self.baseline_due = None
-        with self.s._lock:
-            due = self.s._dispatch_locked()
-            switching = self.s._gates["gpu"].switching
+        due = self.s.dispatch_once()
+        # a switch started by that pass blocks in the sim's switcher until released, so it is still on
+        switching = self.s.snapshot()["gates"]["gpu"]["state"] == "switching"
         if switching:                        # wait until the switch thread has priced its wake
             self._started.wait(30)
             self._started.clear()

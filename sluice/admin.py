@@ -58,6 +58,7 @@ class Admin:
                              "pid": proc.get("pid"), "uptime_s": proc.get("uptime_s"),
                              "restarts": proc.get("restarts", 0), "last_error": proc.get("last_error"),
                              "inflight": live["inflight"], "slots": live["slots"],
+                             "sleep_level": app.ops.asleep_level(b.name),
                              "models": sorted(n for m in models if b.name in m.backends
                                               for n in (m.name, *m.aliases)),
                              "discover": b.discover, "manifest": app.table.manifest(b.name)})

@@ -1,4 +1,5 @@
-"""The sluice-native API (compatible with the original sluice): /v1/query, /v1/health, /v1/queue/status."""
+"""The sluice-native API (compatible with the original sluice): /v1/query, /v1/health, /v1/queue/status; and
+/v1/ready, the same health as a status code for balancers."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class NativeApi:
         return [
             Route("POST", "/v1/query", self.query, api="native"),
             Route("GET", "/v1/health", self.health, api="native", public=True),
+            Route("GET", "/v1/ready", self.ready, api="native", public=True),
             Route("GET", "/v1/queue/status", self.queue_status, api="native"),
         ]
 
@@ -84,6 +86,38 @@ class NativeApi:
         if self.jobs.settings.keys and getattr(h, "key", None) is None:
             doc = {"status": doc["status"]}      # open to probes, but nothing about the setup without a key
         h.respond_json(200, doc)
+
+    def ready(self, h: Handler) -> None:
+        """Health as a status code, for a balancer (or a front sluice's `health_path`) that reads nothing else:
+        200 while this sluice takes new work, 503 (with why) while it would refuse some of it."""
+        snap = self.jobs.scheduler.snapshot()
+        doc = self.health_doc(snap)
+        why = self.not_ready(doc, snap)
+        doc["ready"] = why is None
+        if self.jobs.settings.keys and getattr(h, "key", None) is None:
+            doc = {"status": doc["status"], "ready": doc["ready"]}
+            why = why and "not ready; GET /v1/health with an API key says why"
+        if why is None:
+            return h.respond_json(200, doc)
+        h.respond_json(503, {**doc, "error": why}, headers={"Retry-After": "5"})
+
+    def not_ready(self, doc: dict, snap: dict) -> str | None:
+        """Why this sluice would refuse new work now, or None: it is ready while it admits requests, grants
+        them, and has for every model a backend that can take it (ready, warming, or merely failing its probe
+        on an exclusive gate, where that means asleep). So `ok` and `warming` are ready, `draining` never,
+        `degraded` only while every model still has somewhere to go (one of two backends of a model down)."""
+        if snap["draining"]:
+            return "draining: it takes no new requests (POST /admin/resume takes them again)"
+        if doc.get("problem"):
+            return f"queued requests are not being granted: {doc['problem']}"
+        exclusive = {g for g, v in snap["gates"].items() if v["mode"] == "exclusive"}
+        # The scheduler's own rule (gates.Backend.out): FAILED is out; DOWN is out except on an exclusive gate.
+        usable = {n for n, b in snap["backends"].items()
+                  if b["health"] != Health.FAILED and (b["health"] != Health.DOWN or b["gate"] in exclusive)}
+        stuck = [m.name for m in self.jobs.settings.models if m.backends and not usable.intersection(m.backends)]
+        if stuck:
+            return f"no backend can take model(s) {', '.join(stuck)} now; they would be refused 503"
+        return None
 
     def health_doc(self, snap: dict) -> dict:
         states = {name: b["health"] for name, b in snap["backends"].items()}

@@ -86,7 +86,8 @@ class App:
         self.supervisor = Supervisor(procs, settings.state_dir, on_change=self._managed_changed,
                                      is_busy=self.scheduler.busy) if procs else None
         # The one owner of every backend action: the scheduler's switches, admin's and validate's.
-        self.ops = BackendOps({b.name: b for b in settings.backends}, self.upstreams, self.supervisor)
+        self.ops = BackendOps({b.name: b for b in settings.backends}, self.upstreams, self.supervisor,
+                              l1_ram_budget_gb=settings.l1_ram_budget_gb)
         for p in procs:
             self.scheduler.set_health(p.name, Health.READY)      # startable on demand: not down
         self.health = HealthMonitor({b.name: (self.upstreams[b.name], b.health_path)
@@ -151,6 +152,8 @@ class App:
         self.server.shutdown()
         if self.ollama_server is not None:
             self.ollama_server.shutdown()
+        for server in filter(None, (self.server, self.ollama_server)):
+            server.connections.shed_idle()     # kept-alive clients see the close a process exit would give them
         n = self.scheduler.close(errors.Unavailable("sluice is shutting down; retry against another instance "
                                                     "or after it restarts", retry_after=5))
         if n:

@@ -9,6 +9,12 @@ request-driven switch, and calls back into `switch` from its switch thread.
 Every action raises on failure. `stop` of a server sluice does not run cannot stop it: it succeeds only
 when the server is verifiably asleep (`GET /is_sleeping`) or gone (connection refused), so a switch
 never wakes the next model beside one still awake.
+
+Sleep levels (`switch = "vllm-sleep-auto"`): vLLM cannot move a sleeping model from level 1 to level 2
+without waking it, so the level is chosen when the model is put to sleep (`choose_level`) and kept in one
+book here, with the time it went to sleep: level 1 when its last sleep was shorter than `demote_after_s`
+(or it never slept) and the level-1 weights of every sleeper, its own `weights_gb` included, fit
+`l1_ram_budget_gb`; level 2 otherwise. A wake uses the level the book holds.
 """
 
 from __future__ import annotations
@@ -17,12 +23,13 @@ import http.client
 import json
 import logging
 import subprocess
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from sluice import errors
 from sluice.config import ConfigError
-from sluice.processes import ProcessSpec, ram_tier_idle_s, spec_for
+from sluice.processes import ProcessSpec, ram_tier_idle_s, spec_for, total_memory_bytes
 
 if TYPE_CHECKING:
     from sluice.config import BackendConfig, Settings
@@ -54,18 +61,42 @@ def upstream_url(b: "BackendConfig", spec: ProcessSpec | None) -> str:
     return f"http://127.0.0.1:{spec.port}/v1" if spec is not None else b.url
 
 
+def default_l1_ram_budget_gb(total_bytes: int | None = None) -> float:
+    """Half the installed RAM (decimal GB) may hold level-1 sleepers' weights; unknown RAM: none (level 2)."""
+    total = total_memory_bytes() if total_bytes is None else total_bytes
+    return total / 2e9 if total else 0.0
+
+
 class BackendOps:
     """`configs`: backend name -> BackendConfig; `upstreams`: name -> Upstream; `supervisor`: the managed
     processes (None when sluice runs none)."""
 
     def __init__(self, configs: Mapping[str, "BackendConfig"], upstreams: Mapping[str, "Upstream"],
-                 supervisor: "Supervisor | None" = None):
+                 supervisor: "Supervisor | None" = None, *, l1_ram_budget_gb: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self._configs = dict(configs)
         self._upstreams = upstreams
         self.supervisor = supervisor
+        self.l1_ram_budget_gb = default_l1_ram_budget_gb() if l1_ram_budget_gb is None else l1_ram_budget_gb
+        self._clock = clock
+        # The sleep-level book; a leaf lock (nothing under it blocks or takes another lock).
+        self._levels_lock = threading.Lock()
+        self._asleep: dict[str, tuple[int, float]] = {}   # backend -> (level, since) of its vLLM sleep
+        self._last_sleep_s: dict[str, float] = {}         # servers sluice does not run: their last sleep's length
+        self._adopt_managed()
 
     def reconfigure(self, configs: Mapping[str, "BackendConfig"]) -> None:
         self._configs = dict(configs)      # one assignment: readers see the old table or the new one
+        self._adopt_managed()
+
+    def _adopt_managed(self) -> None:
+        """A managed vLLM backend sleeps at the level this book chooses (its supervisor calls back, also for
+        an idle unload) and, with `stop_after_s`, is stopped once asleep that long (its monitor's tick)."""
+        for name, cfg in self._configs.items():
+            if self.managed(name):
+                m = self.supervisor.get(name)
+                if m.spec.sleep_method.startswith("vllm-sleep-"):
+                    m.adapt_sleep(lambda n=name: self.choose_level(n), cfg.stop_after_s)
 
     def config(self, backend: str) -> "BackendConfig":
         return self._configs[backend]
@@ -88,8 +119,22 @@ class BackendOps:
             self.supervisor.get(backend).ensure_ready(cfg.start_timeout_s)
         elif cfg.switch == "command":
             self._run(cfg.wake_cmd, cfg.sleep_timeout_s)
+        elif cfg.switch == "vllm-sleep-auto":
+            with self._levels_lock:
+                entry = self._asleep.get(backend)
+            if entry is None and self.awake_reason(backend, tries=1) is not None:
+                return            # not put to sleep by this sluice, and awake: nothing to wake
+            # Asleep at a level it was not put to by this sluice: level 2's wake is right for either level.
+            self.wake_level(backend, entry[0] if entry is not None else 2)
+            with self._levels_lock:
+                if self._asleep.get(backend) == entry:
+                    self._asleep.pop(backend, None)
+                    if entry is not None:
+                        self._last_sleep_s[backend] = self._clock() - entry[1]
         elif cfg.switch.startswith("vllm-sleep-"):
             self.wake_level(backend, int(cfg.switch[-1]))
+            with self._levels_lock:
+                self._asleep.pop(backend, None)
 
     def sleep(self, backend: str) -> None:
         cfg = self._configs[backend]
@@ -102,7 +147,43 @@ class BackendOps:
         elif cfg.switch == "command":
             self._run(cfg.sleep_cmd, cfg.sleep_timeout_s)
         elif cfg.switch.startswith("vllm-sleep-"):
-            self.sleep_level(backend, int(cfg.switch[-1]))
+            self.sleep_level(backend, self.choose_level(backend))
+
+    def choose_level(self, backend: str) -> int:
+        """The level `backend` is put to sleep at now, entered in the book (under its lock, so two sleeps at
+        once cannot both take the last room in the budget): see the module docstring."""
+        cfg = self._configs[backend]
+        managed = self.supervisor.get(backend) if self.managed(backend) else None
+        method = managed.spec.sleep_method if managed is not None and cfg.switch != "vllm-sleep-auto" else cfg.switch
+        with self._levels_lock:
+            level = int(method[-1]) if method in ("vllm-sleep-1", "vllm-sleep-2") else 2
+            if method == "vllm-sleep-auto":
+                last = managed.last_sleep_s if managed is not None else self._last_sleep_s.get(backend)
+                came_back_soon = last is None or last < cfg.demote_after_s
+                fits = self._l1_gb_locked(backend) + (cfg.weights_gb or 0.0) <= self.l1_ram_budget_gb
+                level = 1 if came_back_soon and fits else 2
+            self._asleep[backend] = (level, self._clock())
+        return level
+
+    def _l1_gb_locked(self, but: str) -> float:
+        """RAM held by level-1 sleepers other than `but`."""
+        self._prune_locked()
+        return sum(self._configs[n].weights_gb or 0.0 for n, (level, _) in self._asleep.items()
+                   if level == 1 and n != but and n in self._configs)
+
+    def _prune_locked(self) -> None:
+        """A managed backend no longer asleep (woken for a request, stopped, crashed) leaves the book: its
+        supervisor, not this book, saw that happen."""
+        for name in [n for n in self._asleep if self.managed(n)]:
+            if self.supervisor.get(name).state.value != "sleeping":
+                del self._asleep[name]
+
+    def asleep_level(self, backend: str) -> int | None:
+        """The vLLM sleep level `backend` is at (None: awake, stopped, or not a vLLM sleeper)."""
+        with self._levels_lock:
+            self._prune_locked()
+            entry = self._asleep.get(backend)
+        return entry[0] if entry is not None else None
 
     def sleep_level(self, backend: str, level: int) -> None:
         """vLLM's sleep mode at `level`, each call bounded by the backend's sleep_timeout_s."""
@@ -124,6 +205,8 @@ class BackendOps:
         elif cfg.switch.startswith("vllm-sleep-"):
             why = self.awake_reason(backend)
             if why is not None:
+                with self._levels_lock:
+                    self._asleep.pop(backend, None)     # the switch aborts: it stays resident, awake
                 raise errors.Unavailable(f"backend {backend!r} is not run by sluice, so it cannot be stopped, "
                                          f"and {why}", retry_after=5)
         else:

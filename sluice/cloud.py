@@ -8,7 +8,7 @@ Three modes, chosen per call by `Cloud.mode()`:
                never an option of its own.
   unavailable  a 503 whose message says how to enable one of the two.
 
-OpenAI chat.completions requests are translated to the Messages API and back by sluice/translate.py
+OpenAI chat.completions requests are translated to the Messages API and back by sluice/translate_cloud.py
 (`to_messages`, `from_message`) and sluice/translate_stream.py (`translate_events`), streaming included;
 Messages requests (the /v1/messages ingress) go to the API as they are (`messages`, `messages_stream`), or
 to the CLI as text (`cli_form`, `flatten`). Everything here is stdlib at import time; the SDK is imported on
@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from sluice import errors
 from sluice.processes import kill_group
-from sluice.translate import CLAUDE_MODEL, from_message, new_message_id, to_messages
+from sluice.translate import CLAUDE_MODEL, new_message_id
+from sluice.translate_cloud import from_message, to_messages
 from sluice.translate_stream import Chunker, message_events, translate_events
 
 RETRY_AFTER_S = 5.0                  # when Anthropic rate-limits or is overloaded without saying for how long

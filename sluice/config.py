@@ -6,18 +6,23 @@ variable or the dotted TOML path) and the value, e.g. `backends.fast.slots: must
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+# The value parsers under short local names: each table below reads one rule a line.
+from sluice.config_values import (argv as _argv, boolean as _bool, command as _command,
+                                  env_table as _env_table, file_path as _path, host_name as _host,
+                                  http_url as _url, integer as _int, list_of as _list_of,
+                                  name_list as _names, number as _float, one_of as _choice, origin as _origin,
+                                  str_list as _keys, text as _str)
 from sluice.policies import POLICIES
 from sluice import processes
 
 GATE_MODES = ("shared", "exclusive")
-SWITCH_METHODS = ("none", "vllm-sleep-1", "vllm-sleep-2", "command")
+SWITCH_METHODS = ("none", "vllm-sleep-1", "vllm-sleep-2", "vllm-sleep-auto", "command")
 BACKEND_APIS = ("openai", "anthropic", "responses", "ollama")
 CLOUD = "cloud"
 
@@ -54,6 +59,10 @@ class BackendConfig:
     switch: str = "none"            # how an exclusive gate takes it down and up: see SWITCH_METHODS
     sleep_cmd: tuple[str, ...] = () # switch = "command": argv run to free the GPU, and to load again
     wake_cmd: tuple[str, ...] = ()
+    # switch = "vllm-sleep-auto" (docs/design.md, "Exclusive gate states"); also for a managed vLLM engine
+    weights_gb: float | None = None # CPU RAM its level-1 sleep holds (about its weights' size)
+    demote_after_s: float = 900.0   # a last sleep this long or longer: the next one is level 2
+    stop_after_s: float | None = None   # managed: stopped once asleep this long; None: never
     # A managed backend: a process sluice starts on demand, restarts on crash and unloads when idle.
     engine: str | None = None       # mlx-lm | llama.cpp | vllm (a preset command, probe and sleep method)
     command: str | tuple[str, ...] | None = None   # or your own: "{model}", "{host}", "{port}" are filled in
@@ -128,6 +137,7 @@ class Settings:
     keys: tuple[KeyConfig, ...] = field(default=(), repr=False)   # SLUICE_API_KEYS (admin) + [[keys]]
     allow_unauthenticated: bool = False
     log_prompts: bool = False
+    l1_ram_budget_gb: float | None = None   # level-1 sleepers' weights in CPU RAM at most; None: half the RAM
     gates: tuple[GateConfig, ...] = ()
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
@@ -138,107 +148,6 @@ class Settings:
         """Every name a client may ask for: models, their aliases, and `cloud`."""
         names = [n for m in self.models for n in (m.name, *m.aliases)]
         return names + [CLOUD]
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        if isinstance(v, bool):
-            raise ValueError("must be an integer")
-        if isinstance(v, str):
-            v = v.strip()
-            if not v.lstrip("-").isdigit():
-                raise ValueError("must be an integer")
-            v = int(v)
-        if not isinstance(v, int):
-            raise ValueError("must be an integer")
-        if lo is not None and v < lo:
-            raise ValueError(f"must be >= {lo}")
-        if hi is not None and v > hi:
-            raise ValueError(f"must be <= {hi}")
-        return v
-    return parse
-
-
-def _float(lo: float = 0.0, *, positive: bool = False) -> Callable[[Any], float]:
-    def parse(v: Any) -> float:
-        if isinstance(v, bool):
-            raise ValueError("must be a number")
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError("must be a number") from None
-        if not math.isfinite(f) or f < lo or (positive and f <= lo):
-            raise ValueError(f"must be {'>' if positive else '>='} {lo:g}")
-        return f
-    return parse
-
-
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false (1/0)")
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        raise ValueError("must be a non-empty string")
-    return v.strip()
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
-    def parse(v: Any) -> str:
-        if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
-        return v
-    return parse
-
-
-def _url(v: Any) -> str:
-    s = _str(v).rstrip("/")
-    if not (s.startswith("http://") or s.startswith("https://")) or "://" == s[-3:]:
-        raise ValueError("must be an http:// or https:// URL")
-    return s
-
-
-def _path(v: Any) -> Path:
-    return Path(_str(v)).expanduser()
-
-
-def _keys(v: Any) -> tuple[str, ...]:
-    items = v.split(",") if isinstance(v, str) else v
-    if not isinstance(items, (list, tuple)):
-        raise ValueError("must be a comma-separated string or a list of strings")
-    return tuple(k.strip() for k in items if isinstance(k, str) and k.strip())
-
-
-def _list_of(v: Any, each: Callable[[str], str]) -> tuple[str, ...]:
-    return tuple(each(x) for x in _keys(v))
-
-
-def _host(v: str) -> str:
-    if v != "*" and not all(c.isalnum() or c in ".-_:[]" for c in v):
-        raise ValueError(f"{v!r} is not a host name (give names like my-box.lan, or * for any)")
-    return v.lower()
-
-
-def _origin(v: str) -> str:
-    scheme, sep, rest = v.rstrip("/").partition("://")
-    if v != "*" and (not sep or scheme not in ("http", "https") or not rest or "/" in rest):
-        raise ValueError(f"{v!r} is not an origin (give scheme://host[:port], e.g. http://localhost:3000, or *)")
-    return v.rstrip("/")
-
-
-def _names(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-        raise ValueError("must be a list of names")
-    return tuple(v)
 
 
 # Scalar settings: attribute -> (environment variable, parser). The TOML `[server]` table uses the attribute names.
@@ -271,6 +180,7 @@ SCALARS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "api_keys": ("SLUICE_API_KEYS", _keys),
     "allow_unauthenticated": ("SLUICE_ALLOW_UNAUTHENTICATED", _bool),
     "log_prompts": ("SLUICE_LOG_PROMPTS", _bool),
+    "l1_ram_budget_gb": ("SLUICE_L1_RAM_BUDGET_GB", _float(0)),
 }
 
 # The seed's two local models. Used when the TOML file defines no [[models]].
@@ -322,22 +232,6 @@ def _named_list(doc: dict, key: str) -> list[tuple[str, dict]]:
 _GATE_PARSERS = {"slots": _int(1), "mode": _choice(GATE_MODES), "policy": _choice(POLICIES),
                  "drain_timeout_s": _float(0), "min_active_s": _float(0), "max_wait_s": _float(0, positive=True),
                  "switch_cost_s": _float(0)}
-def _argv(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-        raise ValueError("must be a non-empty list of strings (argv; no shell)")
-    return tuple(v)
-
-
-def _command(v: Any) -> str | tuple[str, ...]:
-    return _str(v) if isinstance(v, str) else _argv(v)
-
-
-def _env_table(v: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
-        raise ValueError("must be a table of strings")
-    return tuple(sorted(v.items()))
-
-
 ENGINES = tuple(processes.ENGINES)
 _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _names, "discover": _bool,
                     "api_key": _str,
@@ -348,7 +242,8 @@ _BACKEND_PARSERS = {"url": _url, "gate": _str, "slots": _int(1), "models": _name
                     "start": _choice(("lazy", "eager")), "start_timeout_s": _float(0, positive=True),
                     "stop_timeout_s": _float(0, positive=True), "start_retries": _int(0),
                     "sleep_timeout_s": _float(0, positive=True),
-                    "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table}
+                    "unhealthy_after": _int(1), "idle_unload_s": _float(0), "env": _env_table,
+                    "weights_gb": _float(0), "demote_after_s": _float(0), "stop_after_s": _float(0, positive=True)}
 _MODEL_PARSERS = {"upstream_model": _str, "backends": _names, "aliases": _names,
                   "fallback": _choice((CLOUD,)), "fallback_after_s": _float(0)}
 _MODEL_LIMITS = {"max_concurrency": _int(1), "timeout_s": _float(0, positive=True), "max_tokens": _int(1),
@@ -420,6 +315,7 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
             raise ConfigError(f"backends.{b.name}.url: a managed backend's URL comes from its port; drop url")
         if b.switch == "command" and not (b.sleep_cmd and b.wake_cmd):
             raise ConfigError(f"backends.{b.name}.switch: \"command\" needs sleep_cmd and wake_cmd")
+        _check_sleep_levels(b)
     backend_names = {b.name for b in backends}
     seen: dict[str, str] = {}
     for m in models:
@@ -436,6 +332,19 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
             if b not in backend_names:
                 raise ConfigError(f"models.{m.name}.backends: no backend named {b!r} "
                                   f"(backends: {', '.join(sorted(backend_names)) or 'none'})")
+
+
+def _check_sleep_levels(b: BackendConfig) -> None:
+    where = f"backends.{b.name}"
+    if b.switch == "vllm-sleep-auto":
+        if b.managed and (processes.ENGINES[b.engine].sleep_method if b.engine else "stop") == "stop":
+            raise ConfigError(f"{where}.switch: \"vllm-sleep-auto\" needs vLLM's sleep mode; give engine = \"vllm\"")
+        if b.weights_gb is None:
+            raise ConfigError(f"{where}.weights_gb: \"vllm-sleep-auto\" needs the GB of RAM a level-1 sleep holds "
+                              "(about the size of its weights)")
+    if b.stop_after_s is not None and not b.managed:
+        raise ConfigError(f"{where}.stop_after_s: sluice does not run this server, so it cannot stop it; drop "
+                          "stop_after_s, or give it engine/command")
 
 
 def _keys_table(doc: dict, env: Mapping[str, str], model_names: set[str]) -> tuple[KeyConfig, ...]:

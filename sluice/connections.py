@@ -6,6 +6,9 @@ connection idle the longest is shed (its read side shut down: the thread waiting
 ends, as on a keep-alive timeout) before a new one is refused, so a flood of idle connections cannot lock
 other clients out. A client address past `per_client` gives way the same, among its own connections.
 
+When the server stops (`shed_idle`), every idle connection is shed the same way, and each busy one as soon as
+its answer is written: nothing is kept alive past a stop, as nothing is past a process exit.
+
 Loopback peers are exempt from the per-client cap: every local program shares 127.0.0.1, so a cap per
 address there would be a cap on everyone; the shedding rule is what protects a new local client.
 """
@@ -24,6 +27,14 @@ def _loopback(addr: str) -> bool:
         return False
 
 
+def _shut_read(sock: socket.socket) -> None:
+    """Shed a connection: its handler's read sees EOF and the thread ends, as on a keep-alive timeout."""
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+
+
 class Connections:
     def __init__(self, max_total: int, per_client: int):
         self.max_total = max_total
@@ -33,6 +44,7 @@ class Connections:
         self._addr: dict[socket.socket, str] = {}
         self._per_addr: dict[str, int] = {}
         self.shed_total = 0
+        self._stopping = False        # shed_idle() was called: no connection is kept alive any more
 
     @property
     def count(self) -> int:
@@ -60,18 +72,32 @@ class Connections:
             self._per_addr[addr] = self._per_addr.get(addr, 0) + 1
             self._idle[sock] = addr
         if victim is not None:
-            try:
-                victim.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
+            _shut_read(victim)
         return True
 
     def idle(self, sock: socket.socket) -> None:
-        """The connection waits for its next request: it may be shed."""
+        """The connection waits for its next request: it may be shed (at once, once the server stops)."""
         with self._lock:
             addr = self._addr.get(sock)
-            if addr is not None:
+            if addr is None:
+                return
+            if not self._stopping:
                 self._idle[sock] = addr
+                return
+            self._forget(sock)
+        _shut_read(sock)
+
+    def shed_idle(self) -> int:
+        """The server stopped accepting: end every idle connection now (its thread sees EOF), and every busy
+        one when its answer is written. Returns how many were idle."""
+        with self._lock:
+            self._stopping = True
+            idle = list(self._idle)
+            for sock in idle:
+                self._forget(sock)
+        for sock in idle:
+            _shut_read(sock)
+        return len(idle)
 
     def busy(self, sock: socket.socket) -> bool:
         """A request has arrived: not to be shed until it is answered. False if it was shed already."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import enum
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Mapping
 
 from sluice import errors
 
@@ -147,6 +147,37 @@ class Pool:
             b.gate.backends.append(b)
         self.limits: dict[str, int] = {}      # model -> its max_concurrency; replaced whole
         self._running: dict[str, int] = {}    # model -> its jobs in flight on a backend
+
+    def models(self) -> Iterator[str]:
+        """Every model some backend serves (a model served by several backends comes more than once)."""
+        return (m for b in self.backends.values() for m in b.models)
+
+    def set_models(self, serving: Mapping[str, Iterable[str]], limits: Mapping[str, int] | None,
+                   unsettle: Callable[[Backend, frozenset[str]], None]) -> None:
+        """`serving`: backend name -> every model it serves from now on (backends not named keep theirs; the
+        set of backends itself is fixed); `unsettle(backend, models)` is told before a backend's models
+        change. `limits`, when given, replaces each model's max_concurrency (a model not named has none):
+        a model at its limit is passed over and other models' jobs go ahead; lowering one cancels nothing.
+        Raises ValueError, before changing anything, for a backend that does not exist."""
+        unknown = set(serving) - set(self.backends)
+        if unknown:
+            raise ValueError(f"no backend named {', '.join(sorted(unknown))}")
+        for name, models in serving.items():
+            b = self.backends[name]
+            new = frozenset(models)
+            if new != b.spec.models:
+                unsettle(b, new)
+                b.spec = replace(b.spec, models=new)
+        if limits is not None:
+            self.limits = dict(limits)
+
+    def set_health(self, backend: str, health: Health, why: str | None) -> Backend | None:
+        """Record a probe result (`why`: what made it FAILED); returns the backend when its health changed."""
+        b = self.backends.get(backend)
+        if b is None or b.health is health:
+            return None
+        b.health, b.why = health, why
+        return b
 
     def take(self, b: Backend, model: str) -> None:
         """A job of `model` was granted on `b`."""

@@ -248,12 +248,25 @@ class JobPath:
         self.scheduler.submit(job)  # raises the refusal (queue full, backend down); the job is already finished
         try:
             with h.server.watcher.watch(h.connection, lambda: self.scheduler.cancel(job)):
-                self.scheduler.wait(job, tick, self.settings.sse_keepalive_s, min(5.0, self.settings.sse_keepalive_s))
-                if job.backend is None:
-                    serve(job)
-                else:
-                    with self._use_backend(job.backend, max(0.001, job.deadline - self.clock())):
-                        serve(job)
+                moved = False
+                while True:
+                    self.scheduler.wait(job, tick, self.settings.sse_keepalive_s,
+                                        min(5.0, self.settings.sse_keepalive_s))
+                    try:
+                        if job.backend is None:
+                            serve(job)
+                        else:
+                            with self._use_backend(job.backend, max(0.001, job.deadline - self.clock())):
+                                serve(job)
+                        break
+                    except errors.BackendRefused:
+                        # Nothing reached the backend, so another one may take the job: once, not round a pool.
+                        refused = job.backend
+                        if moved or not self.scheduler.requeue(job):
+                            raise
+                        moved = True
+                        log.warning("req=%s backend %s refused the connection; moving to another backend",
+                                    job.id, refused)
         except errors.SluiceError as e:
             if job.abort_error is not None:          # sluice itself cut it short (e.g. a drain timeout)
                 e = job.abort_error
@@ -278,7 +291,8 @@ class JobPath:
 
     def forward(self, job: Job, path: str, body: bytes, deadline: float) -> tuple[Upstream, Exchange] | None:
         """Forward to the granted backend. None: it refused before anything was sent and the job moved to
-        the cloud route (the model has fallback = "cloud")."""
+        the cloud route (the model has fallback = "cloud"). Without fallback that refusal is raised
+        (errors.BackendRefused), and `run` moves the job to another backend of its model once."""
         up = self.upstreams[job.backend]
         try:
             ex = up.open("POST", path, body, deadline,

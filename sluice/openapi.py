@@ -57,6 +57,8 @@ SCHEMAS = {
 _DOCS = {
     ("POST", "/v1/query"): ("Queue a prompt (sluice-native)", "QueryRequest", "QueryResponse", "NativeError"),
     ("GET", "/v1/health"): ("Health from live backend probes", None, "Health", "NativeError"),
+    ("GET", "/v1/ready"): ("Readiness for a load balancer: 200 when this instance takes new work, else 503",
+                           None, None, "NativeError"),
     ("GET", "/v1/queue/status"): ("Queue counters", None, "QueueStatus", "NativeError"),
     ("POST", "/v1/chat/completions"): ("OpenAI chat completions (SSE when stream=true)", "ChatCompletionRequest",
                                        None, "OpenAIError"),

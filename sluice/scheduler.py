@@ -2,12 +2,13 @@
 
 Lock contract (as in CPython's queue.py): one mutex, `self._lock`, guards every field of the scheduler,
 of each Job's scheduling state, of the Queues (queues.py), of the Pool with its Gates and Backends
-(gates.py), and of the Switcher's state and SwitchCosts (switching.py, policies.py), which share it.
-`self._work` (a Condition on that lock) is notified whenever a grant might have become possible: a job
-arrived, a slot freed, a backend's health changed, a switch handed its gate back. Grants are decided only
-under the lock: inline on submit when the gate is idle with nothing waiting (the fast path), otherwise by
-the one dispatcher thread. Exclusive gates are switched by the Switcher: decided on the dispatcher's
-pass, run on a switch thread that calls the backends without the lock.
+(gates.py), and of the Dispatcher's, the Switcher's and SwitchCosts' state (dispatcher.py, switching.py,
+policies.py), which share it. `self._work` (a Condition on that lock) is notified whenever a grant might
+have become possible: a job arrived, a slot freed, a backend's health changed, a switch handed its gate
+back. Grants are decided only under the lock: inline on submit when the gate is idle with nothing waiting
+(the fast path), otherwise by the one dispatcher thread (dispatcher.py). Exclusive gates are switched by
+the Switcher: decided on the dispatcher's pass, run on a switch thread that calls the backends without
+the lock.
 
 Lock order, the one place it is written down (a lock may be taken while holding those before it, never
 the other way round):
@@ -29,11 +30,11 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import replace
 from typing import Callable, Iterable, Mapping
 
 from sluice import errors
 from sluice import policies
+from sluice.dispatcher import Dispatcher
 from sluice.gates import Backend, BackendSpec, Gate, Health, Pool
 from sluice.policies import GateView, SwitchCosts
 from sluice.queues import COUNTER, LEVELS, Job, JobState, Outcome, Queues
@@ -77,18 +78,16 @@ class Scheduler:
             waiting=self._queued.waiting, fail_waiting=self._fail_waiting_locked, abort=self._abort_gate_locked,
             finished=self._notify_finished)
         self._costs = self._switching.costs
-        self._fault: str | None = None     # the last dispatch pass that raised, until one passes again
-        for b in self._backends.values():
-            for m in b.models:
-                self._queued.add(m)
+        self._dispatcher = Dispatcher(self._work, self._queued, self._pool, self._switching,
+                                      grant=self._grant_locked, clock=clock)
+        for m in self._pool.models():
+            self._queued.add(m)
         self._seq = itertools.count()
         # granted and not finished, in grant order; keyed by the job itself (a client's X-Request-Id may repeat)
         self._active: dict[Job, None] = {}
         self._closed: errors.SluiceError | None = None
         self._closing = False             # close() (shutdown) is final; a drain() can be resumed
         self._retired: frozenset[str] = frozenset()   # models that take no new jobs (see set_models)
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.totals = dict.fromkeys(("received", "served", "rejected", "timed_out", "cancelled", "failed"), 0)
         self._latency_sum = 0.0
 
@@ -102,15 +101,10 @@ class Scheduler:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._dispatch_loop, name="sluice-dispatcher", daemon=True)
-        self._thread.start()
+        self._dispatcher.start()
 
     def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._work.notify_all()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self._dispatcher.stop()
 
     def drain(self, error: errors.SluiceError) -> None:
         """Refuse new jobs with `error`; queued and in-flight ones still run."""
@@ -280,6 +274,32 @@ class Scheduler:
             if job.state is not JobState.DONE:
                 self._reroute_locked(job, self._clock())
 
+    def requeue(self, job: Job) -> bool:
+        """A granted job's backend refused the connection (nothing was sent): move it to another backend of
+        its model. Its turn had come, so it takes a free slot there at once; with none free it waits in the
+        queue again (its age kept, behind the jobs of its own priority already waiting). False, nothing
+        changed, when no other backend of the model is up or the job is ending (its client left, sluice
+        aborted it, shutting down)."""
+        with self._lock:
+            refused = job.backend
+            if job.state is not JobState.GRANTED or refused is None or job.outcome is not None \
+                    or job.abort_error is not None or self._closing \
+                    or not any(b.name != refused and job.model in b.models and not b.out
+                               for b in self._backends.values()):
+                return False
+            self._let_go_locked(job)
+            free = [b for b in self._pool.candidates(job.model) if b.name != refused]
+            if free:
+                self._pool.take(free[0], job.model)
+                job.backend, job.gate = free[0].name, free[0].gate.name
+                return True
+            del self._active[job]
+            job.backend = job.gate = job.granted_at = None
+            job.state = JobState.QUEUED
+            self._queued.push(job)
+            self._work.notify()
+            return True
+
     def _reroute_locked(self, job: Job, now: float) -> None:
         self._let_go_locked(job)
         job.backend = job.gate = None
@@ -310,10 +330,9 @@ class Scheduler:
         have nowhere to go."""
         failed: list[Job] = []
         with self._lock:
-            b = self._backends.get(backend)
-            if b is None or b.health is health:
+            b = self._pool.set_health(backend, health, why)
+            if b is None:
                 return
-            b.health, b.why = health, why
             if b.out:
                 for model in b.models:
                     self._strand_locked(model, self._pool.unservable(model), failed)
@@ -325,13 +344,11 @@ class Scheduler:
                    reason: str = "is no longer served by any backend") -> None:
         """Replace which models backends serve, all in one step under the lock (manifest discovery, reload).
 
-        `serving`: backend name -> every model it serves from now on (backends not named keep theirs; the
-        set of backends itself is fixed). `known`: models that get a queue even while no backend serves them
-        (their jobs are refused 503 until one does). `retired`, when given, replaces the set of models that
-        take no new jobs but still serve the ones queued (a model a reload removed, until its queue empties).
-        `limits`, when given, replaces each model's max_concurrency (model -> jobs in flight at once across
-        its backends; a model not named has none): a model at its limit is passed over, its jobs keep their
-        place, and other models' jobs go ahead; lowering a limit cancels nothing in flight.
+        `serving` and `limits` (model -> max_concurrency, its jobs in flight at once across its backends) as
+        in Pool.set_models (gates.py); a model at its limit keeps its jobs' places. `known`: models that get
+        a queue even while no backend serves them (their jobs are refused 503 until one does). `retired`,
+        when given, replaces the set of models that take no new jobs but still serve the ones queued (a model
+        a reload removed, until its queue empties).
 
         One step matters: a model moving from backend A to B never passes through "served by nobody".
         Jobs in flight are not touched (they finish where they are). Queued jobs of a model some backend
@@ -341,21 +358,11 @@ class Scheduler:
         """
         failed: list[Job] = []
         with self._lock:
-            unknown = set(serving) - set(self._backends)
-            if unknown:
-                raise ValueError(f"no backend named {', '.join(sorted(unknown))}")
-            for name, models in serving.items():
-                b = self._backends[name]
-                new = frozenset(models)
-                if new != b.spec.models:
-                    self._switching.unsettle_locked(b, new)
-                    b.spec = replace(b.spec, models=new)
-            for m in itertools.chain(known, (m for b in self._backends.values() for m in b.models)):
+            self._pool.set_models(serving, limits, self._switching.unsettle_locked)
+            for m in itertools.chain(known, self._pool.models()):
                 self._queued.add(m)
             if retired is not None:
                 self._retired = frozenset(retired)
-            if limits is not None:
-                self._pool.limits = dict(limits)
             # Queues are kept even when empty and unserved: a request that resolved the model a moment
             # before the change must meet a clear 503 here, not be taken for a gate-less (cloud) job.
             for model in self._queued.models():
@@ -449,30 +456,6 @@ class Scheduler:
             self._finish_locked(job, Outcome.ERROR, err)
         return failed
 
-    def _dispatch_locked(self) -> float | None:
-        """Grant what can be granted; returns when a time-based decision is next due (or None)."""
-        now = self._clock()
-        due: list[float] = []
-        for gate in self._gates.values():
-            when = self._switching.dispatch_locked(gate, now) if gate.exclusive else None
-            if when is not None:
-                due.append(when)
-        # Shared gates (and the resident model of exclusive ones): best job among the models that a free
-        # backend can take. A job blocked on one gate never blocks another gate, nor a model at its
-        # max_concurrency the other models of its gate (no head-of-line blocking).
-        self._pool.reserve_jit(lambda models: self._queued.best(models, now))
-        progress = True
-        while progress and self._queued.depth:
-            progress = False
-            for gate in self._gates.values():
-                if not gate.has_slot():
-                    continue
-                job = self._queued.best(self._pool.runnable(gate), now)
-                if job is not None:
-                    self._grant_locked(job, self._pool.candidates(job.model, gate)[0], now)
-                    progress = True
-        return min(due, default=None)
-
     def _abort_gate_locked(self, gate: Gate, err: errors.SluiceError) -> None:
         hooks = []
         for job in self._active:
@@ -483,20 +466,6 @@ class Scheduler:
         # Hooks only shut sockets down; calling them under the lock cannot block (see the lock order above).
         for hook in hooks:
             hook()
-
-    def _dispatch_loop(self) -> None:
-        with self._lock:
-            while not self._stopping:
-                try:
-                    due = self._dispatch_locked()
-                    timeout = None if due is None else max(0.0, due - self._clock())
-                    self._fault = None
-                except Exception as e:
-                    # One bad pass must not end every grant: log it, say so in health, look again soon.
-                    log.exception("dispatcher: a dispatch pass failed; retrying in 1s")
-                    self._fault = f"a dispatch pass failed: {e!r}"
-                    timeout = 1.0
-                self._work.wait(timeout)
 
     # ---- switching on demand (operators) ----------------------------------------------------------
     def switch_now(self, gate: str, target: str | None, *, evict: str | None = None, how: str = "sleep",
@@ -511,14 +480,11 @@ class Scheduler:
         """One dispatch pass, as the dispatcher thread makes it (for tests driving an injected clock).
         Returns when a time-based decision is next due, or None."""
         with self._lock:
-            return self._dispatch_locked()
+            return self._dispatcher.pass_locked()
 
     def dispatcher_problem(self) -> str | None:
         """Why grants may not be made (the dispatcher thread died, or its last pass raised); None when fine."""
-        t = self._thread
-        if t is not None and not t.is_alive() and not self._stopping:
-            return "the dispatcher thread is not running; queued requests are not granted (see the log)"
-        return self._fault
+        return self._dispatcher.problem()
 
     def service_cost(self, gate: str, model: str) -> float:
         """The gate's current estimate of one job's service seconds for `model` (measured EMA, else seeded)."""

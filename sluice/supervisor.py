@@ -109,6 +109,12 @@ class ManagedBackend:
         self.spawns = 0
         self.last_error: str | None = None
         self.last_exit: int | None = None
+        # vLLM sleep levels (backends.py BackendOps sets them through adapt_sleep)
+        self._choose_level: Callable[[], int] | None = None
+        self._stop_after_s: float | None = None
+        self._sleep_level = 1                  # the level of its current (or last) vLLM sleep
+        self._slept_at: float | None = None    # when that sleep began; None once woken or stopped
+        self.last_sleep_s: float | None = None # how long its last vLLM sleep lasted (at least, if stopped asleep)
         self._changes: deque[tuple[State, State]] = deque()
         self._flush_lock = threading.RLock()   # re-entrant: on_change may call back into this backend
         # vLLM's sleep/wake calls: the same client code the gate's switch uses for servers sluice doesn't run
@@ -134,7 +140,8 @@ class ManagedBackend:
                     "uptime_s": round(self._clock() - self._spawned_at, 3) if alive and self._spawned_at else None,
                     "restarts": self.restarts, "spawns": self.spawns, "last_error": self.last_error,
                     "last_exit": self.last_exit, "inflight": self._inflight, "op": self._op,
-                    "sleep_method": self.spec.sleep_method}
+                    "sleep_method": self.spec.sleep_method,
+                    "sleep_level": self._sleep_level if self._state is State.SLEEPING else None}
 
     def wait_for(self, states: State | Sequence[State], timeout: float) -> bool:
         """Wait (real time) until the state is one of `states` and no transition is under way."""
@@ -149,6 +156,12 @@ class ManagedBackend:
             return True
 
     # ---- the public operations ---------------------------------------------------------------------------
+    def adapt_sleep(self, choose_level: Callable[[], int] | None, stop_after_s: float | None) -> None:
+        """`choose_level()`: the level of each vLLM sleep, asked outside our lock just before it (it may not
+        call back into this backend); `stop_after_s`: stop it once asleep this long (the monitor's tick)."""
+        with self._cond:
+            self._choose_level, self._stop_after_s = choose_level, stop_after_s
+
     def start(self) -> None:
         """Begin starting (or waking) without waiting; clears FAILED. For eager start and admin `load`."""
         with self._cond:
@@ -274,6 +287,12 @@ class ManagedBackend:
                 self._proc_gone_locked(rc)
                 self.last_error = f"{describe_exit(rc)} while sleeping"
                 self._set_state_locked(State.STOPPED)
+            elif (self._stop_after_s is not None and self._slept_at is not None
+                  and self._clock() - self._slept_at >= self._stop_after_s):
+                self.last_sleep_s, self._slept_at = self._clock() - self._slept_at, None
+                log.info("backend %s: asleep for %.0fs (stop_after_s), stopping it", self.name, self.last_sleep_s)
+                token = self._claim_locked("unload", State.STOPPING)
+                self._thread(self._run_stop, token, self._proc, State.STOPPED)
             return None, self._gen, False
         if self._state is not State.READY:
             return None, self._gen, False
@@ -552,6 +571,18 @@ class ManagedBackend:
         """Owner of READY -> SLEEPING (state already SLEEPING): POST /sleep?level=N; on failure, stop."""
         level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
         try:
+            with self._cond:
+                choose = self._choose_level
+            if choose is not None:
+                try:
+                    level = choose()
+                except Exception:       # a bug there must not leave this backend owned forever
+                    log.exception("backend %s: choosing its sleep level failed; level 2", self.name)
+                    level = 2
+            with self._cond:
+                if not self._owns(token):
+                    return
+                self._sleep_level = level
             try:
                 self._engine_api.vllm_sleep(level, timeout=self.spec.sleep_timeout_s)
             except errors.SluiceError as e:
@@ -566,13 +597,18 @@ class ManagedBackend:
                 self._run_stop(token, proc, State.STOPPED)
                 return
             with self._cond:
+                if self._owns(token):
+                    self._slept_at = self._clock()
                 self._settle_locked(token, State.SLEEPING)
         finally:
             self._flush()
 
     def _run_wake(self, token: object) -> None:
         """Owner of SLEEPING -> READY (state already STARTING). A failed wake restarts the process."""
-        level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
+        with self._cond:
+            level = self._sleep_level
+            if self._slept_at is not None:
+                self.last_sleep_s, self._slept_at = self._clock() - self._slept_at, None
         try:
             self._engine_api.vllm_wake(level, timeout=self.spec.sleep_timeout_s)
             ok, why, _ = self._probe(self.spec.probe_timeout_s)

@@ -1,6 +1,6 @@
 """Streams, both directions: Anthropic Messages events -> OpenAI chat chunks (`translate_events`, the cloud
 route) and OpenAI chat chunks -> Messages events (`MessagesStream`, the /v1/messages ingress). The
-request/answer halves are in translate.py.
+request/answer halves are in translate_cloud.py (cloud route) and translate.py (ingress).
 """
 
 from __future__ import annotations

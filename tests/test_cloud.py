@@ -16,7 +16,7 @@ from fake_anthropic import KEY, FakeAnthropic
 from sluice import cloud as cloud_mod
 from sluice import errors
 from sluice.cloud import Cloud, flatten
-from sluice.translate import from_message, to_messages
+from sluice.translate_cloud import from_message, to_messages
 from sluice.translate_stream import Chunker as _Chunker, translate_events
 
 FAKE_CLAUDE = str(Path(__file__).with_name("fake_claude.py"))

@@ -1,7 +1,10 @@
-"""The daemon as a real process: SIGTERM drains, SIGHUP reloads, a busy port is a clear error."""
+"""The daemon as a real process: SIGTERM drains, SIGHUP reloads, a busy port is a clear error; an in-process
+stop closes kept-alive connections as a process exit would."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -253,3 +256,41 @@ def test_the_daemon_writes_sluice_log_in_its_log_dir_with_each_request_id(daemon
         assert f"listening on http://127.0.0.1:{d.port}" in text and "outcome=ok" in text
     finally:
         d.stop()
+
+
+def test_stop_closes_kept_alive_connections_idle_at_once_and_busy_after_their_answer(make_app, backend):
+    """An in-process App.stop() ends each kept-alive connection as a process exit would: an idle one at once,
+    one in the middle of a request once its answer is written. None is left answering 503 "shutting down"."""
+    app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url})
+    idle = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    idle.request("GET", "/v1/health")
+    resp = idle.getresponse()
+    resp.read()
+    assert resp.status == 200 and not resp.will_close
+    busy = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+    backend.holding = True
+    answers: list = []
+
+    def ask() -> None:
+        busy.request("POST", "/v1/chat/completions", json.dumps(
+            {"model": "fast", "messages": [{"role": "user", "content": "held"}]}), {"Content-Type": "application/json"})
+        r = busy.getresponse()
+        answers.append((r.status, r.read(), r.will_close))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    assert backend.wait_arrivals(1), "the request never reached the backend"
+    stopping = threading.Thread(target=app.stop, kwargs={"timeout": 10}, daemon=True)
+    stopping.start()
+    idle.sock.settimeout(5)
+    assert idle.sock.recv(1) == b"", "the idle connection was kept open after stop"
+    backend.release_all()
+    asking.join(10)
+    assert answers and answers[0][0] == 200, answers
+    if not answers[0][2]:                      # kept alive as far as the answer said: the close follows it
+        busy.sock.settimeout(5)
+        assert busy.sock.recv(1) == b"", "the busy connection was kept open after its answer"
+    stopping.join(15)
+    assert not stopping.is_alive()
+    idle.close()
+    busy.close()

@@ -3,7 +3,9 @@
 Two "host" sluices, each in front of its own stand-in backend (one per GPU host), and a "front" sluice
 whose [[backends]] are the two hosts' URLs on one shared gate. Requests spill over both hosts, the front's
 queue orders by priority, a priority can travel to the host, a dead host is skipped and taken back when it
-returns. Every wait is on an event or `until()` with a deadline.
+returns, a draining host is taken out (the front probes each host's GET /v1/ready), and the request that
+meets a host which has just died goes to the other one. Every wait is on an event or `until()` with a
+deadline.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ name = "{name}"
 url = "http://127.0.0.1:{port}/v1"
 gate = "pool"
 slots = {per_host}
-health_path = "/v1/health"
+health_path = "/v1/ready"
 forward_priority = true
 """ for name, port in (("east", east), ("west", west)))
     return f"""
@@ -57,6 +59,29 @@ slots = {slots}
 [[models]]
 name = "m"
 backends = ["east", "west"]
+"""
+
+
+def two_engine_host_toml(one: str, two: str) -> str:
+    return f"""
+[[gates]]
+name = "gpu"
+slots = 4
+
+[[backends]]
+name = "one"
+url = "{one}"
+gate = "gpu"
+
+[[backends]]
+name = "two"
+url = "{two}"
+gate = "gpu"
+
+[[models]]
+name = "m"
+upstream_model = "fake-model"
+backends = ["one", "two"]
 """
 
 
@@ -215,5 +240,133 @@ def test_a_dead_host_is_skipped_and_taken_back_when_it_returns(make_app, make_ba
         status, headers, body = chat(front, "after")
         assert status == 200 and headers["X-Sluice-Backend"] == "east", body
         assert east_engine.prompts()[-1] == "after"
+    finally:
+        east.kill()
+
+
+def queue_totals_add_up(app) -> dict:
+    t = call(app, "GET", "/v1/queue/status")[2]
+    assert t["pending"] == 0 and t["active_count"] == 0
+    assert t["total_received"] == t["total_served"] + t["total_errors"] + t["total_rejected"] + \
+        t["total_timeouts"] + t["total_cancelled"], t
+    return t
+
+
+def test_ready_is_a_status_code_ok_and_warming_ready_draining_not(make_app, make_backend, tmp_path):
+    east, west = make_backend(), make_backend()
+    host = make_app(toml=two_engine_host_toml(east.url, west.url))
+    status, _, doc = call(host, "GET", "/v1/ready")
+    assert (status, doc["status"], doc["ready"]) == (200, "ok", True)
+
+    east.close()                     # one of the model's two backends down: degraded, but it takes new work
+    until(lambda: call(host, "GET", "/v1/health")[2]["status"] == "degraded", what="the host to see one engine down")
+    status, _, doc = call(host, "GET", "/v1/ready")
+    assert (status, doc["status"], doc["ready"]) == (200, "degraded", True)
+
+    assert call(host, "POST", "/admin/drain")[0] == 200
+    status, headers, doc = call(host, "GET", "/v1/ready")
+    assert (status, doc["ready"]) == (503, False) and headers["Retry-After"] == "5"
+    assert "draining" in doc["error"] and "/admin/resume" in doc["error"]
+    assert call(host, "GET", "/v1/health")[0] == 200           # the health answer stays 200 in every state
+    assert call(host, "POST", "/admin/resume")[0] == 200
+    assert call(host, "GET", "/v1/ready")[0] == 200
+
+    west.close()                     # the model's last backend down: its requests would be refused
+    until(lambda: call(host, "GET", "/v1/ready")[0] == 503, what="the host to be not ready")
+    doc = call(host, "GET", "/v1/ready")[2]
+    assert doc["status"] == "degraded" and "model(s) m" in doc["error"]
+
+
+def test_ready_without_a_key_says_only_whether(make_app, backend):
+    host = make_app({"SLUICE_API_KEYS": "sekrit", "SLUICE_FAST_URL": backend.url,
+                     "SLUICE_REASONING_URL": backend.url}, wait_ready=False)
+    assert call(host, "GET", "/v1/ready")[0] == 200        # from the start: warming (not probed yet) is ready
+    until(lambda: call(host, "GET", "/v1/ready")[2] == {"status": "ok", "ready": True}, what="the host to be ok")
+    assert call(host, "POST", "/admin/drain", headers={"Authorization": "Bearer sekrit"})[0] == 200
+    status, _, doc = call(host, "GET", "/v1/ready")
+    assert status == 503 and doc["ready"] is False and set(doc) == {"status", "ready", "error"}
+
+
+def test_a_draining_host_is_taken_out_by_the_front_and_back_after_resume(make_app, make_backend, tmp_path):
+    front, hosts = cluster(make_app, make_backend, tmp_path)
+    east, east_engine = hosts["east"]
+    east_url = f"http://127.0.0.1:{east.port}/v1"
+    assert call(east, "POST", "/admin/drain")[0] == 200
+    until(lambda: front_backends(front)[east_url] == "down", what="the front to take the draining host out")
+    for i in range(3):
+        status, headers, body = chat(front, f"while-east-drains-{i}")
+        assert status == 200 and headers["X-Sluice-Backend"] == "west", body
+    assert east_engine.arrivals == []
+    assert call(east, "POST", "/admin/resume")[0] == 200
+    until(lambda: front_backends(front)[east_url] == "ready", what="the front to take the host back")
+    t = queue_totals_add_up(front)
+    assert (t["total_received"], t["total_served"]) == (3, 3)
+
+
+def test_the_request_that_meets_a_just_died_host_is_served_by_the_other(make_app, make_backend, tmp_path):
+    """The front has not probed since the host died (a long health interval): the forward is refused before
+    anything was sent, so the front moves the job to the other host instead of answering 502."""
+    east_engine, west_engine = make_backend(), make_backend()
+    east = HostProcess(tmp_path, east_engine, free_port())
+    try:
+        east.start()
+        west = start_host(make_app, tmp_path, "west", west_engine)
+        front = make_app({"SLUICE_LOG_DIR": tmp_path / "front" / "logs", "SLUICE_HEALTH_INTERVAL_S": 600},
+                         toml=front_toml(east.port, west.port))
+        east_url = f"http://127.0.0.1:{east.port}/v1"
+        status, headers, _ = chat(front, "before")
+        assert status == 200 and headers["X-Sluice-Backend"] == "east"
+
+        east.kill()
+        status, headers, body = chat(front, "meets-the-dead-host")
+        assert status == 200 and headers["X-Sluice-Backend"] == "west", body
+        assert west_engine.prompts() == ["meets-the-dead-host"]
+        assert front_backends(front)[east_url] == "down"            # marked at the refusal, not at a probe
+
+        east.start()                                                # back; then it dies again, mid-stream this time
+        front.health.kick()
+        until(lambda: front_backends(front)[east_url] == "ready", what="the front to take east back")
+        east.kill()
+        status, headers, body = call(front, "POST", "/v1/chat/completions", {
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "streamed"}]})
+        assert status == 200 and headers["X-Sluice-Backend"] == "west", body
+        assert body.rstrip().endswith(b"data: [DONE]") and b'"error"' not in body
+        assert west_engine.prompts()[-1] == "streamed"
+        t = queue_totals_add_up(front)
+        assert (t["total_received"], t["total_served"], t["total_errors"]) == (3, 3, 0)
+    finally:
+        east.kill()
+
+
+def test_a_refused_request_waits_its_turn_when_the_other_host_is_full(make_app, make_backend, tmp_path):
+    """East dies while west's one slot is taken: the refused request queues again at the front (nothing is
+    answered 502) and west serves it when its slot frees."""
+    east_engine, west_engine = make_backend(), make_backend()
+    east = HostProcess(tmp_path, east_engine, free_port())
+    try:
+        east.start()
+        west = start_host(make_app, tmp_path, "west", west_engine)
+        front = make_app({"SLUICE_LOG_DIR": tmp_path / "front" / "logs", "SLUICE_HEALTH_INTERVAL_S": 600},
+                         toml=front_toml(east.port, west.port, slots=4, per_host=1))
+        east_engine.holding = west_engine.holding = True
+        first = in_thread(chat, front, "first")
+        until(lambda: east_engine.prompts() == ["first"], what="the first request held at east")
+        second = in_thread(chat, front, "second")
+        until(lambda: west_engine.prompts() == ["second"], what="the second request held at west")
+        east_engine.release_all()
+        first[0].join(10)
+        assert first[1][0][0] == 200
+
+        east.kill()
+        third = in_thread(chat, front, "third")                  # granted east, the one free slot: refused
+        until(lambda: call(front, "GET", "/v1/queue/status")[2]["pending"] == 1, what="the refused request queued")
+        assert west_engine.prompts() == ["second"]
+        west_engine.release_all()
+        for t, out in (second, third):
+            t.join(10)
+            assert out[0][0] == 200, out
+        assert third[1][0][1]["X-Sluice-Backend"] == "west" and west_engine.prompts() == ["second", "third"]
+        t = queue_totals_add_up(front)
+        assert (t["total_received"], t["total_served"]) == (3, 3)
     finally:
         east.kill()
