@@ -19,15 +19,16 @@ from collections import deque
 from sluice import __version__, errors, logfile
 from sluice.admin import Admin
 from sluice.api import Api
+from sluice.backend_rules import State
 from sluice.backends import BackendOps, process_spec, upstream_url
 from sluice.browser import BrowserGuard
 from sluice.cloud import Cloud
 from sluice.config import ConfigError, Settings
 from sluice.metrics import SluiceMetrics
 from sluice.models import ModelTable
+from sluice.monitor import Supervisor
 from sluice.scheduler import BackendSpec, Health, Job, Scheduler
 from sluice.server import Route, Routes, Server, compact_json
-from sluice.supervisor import State, Supervisor
 from sluice.upstream import HealthMonitor, Upstream
 
 log = logging.getLogger("sluice")

@@ -33,7 +33,7 @@ from sluice.processes import ProcessSpec, ram_tier_idle_s, spec_for, total_memor
 
 if TYPE_CHECKING:
     from sluice.config import BackendConfig, Settings
-    from sluice.supervisor import Supervisor
+    from sluice.monitor import Supervisor
     from sluice.upstream import Upstream
 
 log = logging.getLogger("sluice.backends")

@@ -29,50 +29,29 @@ process it could not see is still alive. Exits noticed under the lock are queued
 forgotten in the registry by `_flush`, outside it. The registry has its own lock, never taken under
 `_cond`.
 
-The process mechanics (spec, argv, spawning, killing a process group, the registry) are
-sluice/processes.py.
+The states, the transition table and the pure decisions are sluice/backend_rules.py; the process
+mechanics (spec, argv, spawning, killing a process group, the registry) sluice/processes.py; the
+`Supervisor` of all managed backends and its monitor thread sluice/monitor.py.
 """
 
 from __future__ import annotations
 
-import enum
-import http.client
 import logging
 import shlex
-import socket
 import subprocess
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from sluice import errors
-from sluice.processes import (ProcessSpec, Registry, cleanup_orphans, describe_exit, health_status,
-                              kill_group, spawn)
+from sluice.backend_rules import (ALLOWED, State, asleep_too_long, await_ready, default_sleep_level, idle_due,
+                                  probe, restart_plan, retry_plan)
+from sluice.processes import ProcessSpec, Registry, describe_exit, kill_group, spawn
 from sluice.upstream import Upstream
 
 log = logging.getLogger("sluice.supervisor")
-
-
-class State(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    SLEEPING = "sleeping"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-ALLOWED: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),
-    State.STARTING: frozenset({State.READY, State.STOPPING, State.FAILED}),
-    State.READY: frozenset({State.STARTING, State.SLEEPING, State.STOPPING, State.FAILED}),
-    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
-    State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
-    State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
-}
 
 
 # ---- one managed process ---------------------------------------------------------------------------------
@@ -165,13 +144,8 @@ class ManagedBackend:
     def start(self) -> None:
         """Begin starting (or waking) without waiting; clears FAILED. For eager start and admin `load`."""
         with self._cond:
-            if self._closed or self._owner is not None:
-                return
-            if self._state in (State.STOPPED, State.FAILED):
-                self._failures = 0
-                self._begin_start_locked("start")
-            elif self._state is State.SLEEPING:
-                self._begin_wake_locked()
+            if not self._closed and self._owner is None:
+                self._begin_use_locked()
         self._flush()
 
     def ensure_ready(self, timeout: float) -> None:
@@ -272,10 +246,8 @@ class ManagedBackend:
             self._flush()
 
     def _idle_due_locked(self) -> bool:
-        spec = self.spec
         return (self._owner is None and self._state is State.READY and not self._closed
-                and spec.idle_unload_s is not None and spec.sleep_method != "none"
-                and self._inflight == 0 and self._clock() - self._last_used >= spec.idle_unload_s)
+                and idle_due(self.spec, self._clock(), self._last_used, self._inflight))
 
     def _check_locked(self) -> tuple[str | None, int, bool]:
         """The decisions of one tick that need no I/O; returns what is left to do outside the lock."""
@@ -287,12 +259,10 @@ class ManagedBackend:
                 self._proc_gone_locked(rc)
                 self.last_error = f"{describe_exit(rc)} while sleeping"
                 self._set_state_locked(State.STOPPED)
-            elif (self._stop_after_s is not None and self._slept_at is not None
-                  and self._clock() - self._slept_at >= self._stop_after_s):
+            elif asleep_too_long(self._stop_after_s, self._slept_at, self._clock()):
                 self.last_sleep_s, self._slept_at = self._clock() - self._slept_at, None
                 log.info("backend %s: asleep for %.0fs (stop_after_s), stopping it", self.name, self.last_sleep_s)
-                token = self._claim_locked("unload", State.STOPPING)
-                self._thread(self._run_stop, token, self._proc, State.STOPPED)
+                self._begin_stop_locked("unload", self._proc, State.STOPPED)
             return None, self._gen, False
         if self._state is not State.READY:
             return None, self._gen, False
@@ -314,7 +284,7 @@ class ManagedBackend:
 
     def _check_health(self, gen: int, busy: bool) -> None:
         spec = self.spec
-        ok, why, timed_out = self._probe(spec.probe_timeout_s)
+        ok, why, timed_out = probe(spec, spec.probe_timeout_s)
         with self._cond:
             if self._gen != gen or self._state is not State.READY or self._owner is not None:
                 return     # something else happened meanwhile: this result is stale
@@ -370,6 +340,17 @@ class ManagedBackend:
     def _thread(self, target, *args) -> None:
         threading.Thread(target=target, args=args, name=f"sluice-{self.name}-{self._op}", daemon=True).start()
 
+    def _begin_use_locked(self) -> bool:
+        """Unowned: start it (a fresh count of failures) or wake it; False when it is neither down nor asleep."""
+        if self._state in (State.STOPPED, State.FAILED):
+            self._failures = 0
+            self._begin_start_locked("start")
+        elif self._state is State.SLEEPING:
+            self._begin_wake_locked()
+        else:
+            return False
+        return True
+
     def _begin_start_locked(self, op: str) -> None:
         token = self._claim_locked(op, State.STARTING)
         self._thread(self._run_start, token, None, None, False)
@@ -378,32 +359,32 @@ class ManagedBackend:
         token = self._claim_locked("wake", State.STARTING)
         self._thread(self._run_wake, token)
 
+    def _begin_stop_locked(self, op: str, proc: subprocess.Popen | None, final: State) -> None:
+        token = self._claim_locked(op, State.STOPPING)
+        self._thread(self._run_stop, token, proc, final)
+
     def _begin_unload_locked(self) -> None:
         log.info("backend %s: idle for %.0fs, unloading (%s)", self.name, self._clock() - self._last_used,
                  self.spec.sleep_method)
         if self.spec.sleep_method == "stop":
-            token = self._claim_locked("unload", State.STOPPING)
-            self._thread(self._run_stop, token, self._proc, State.STOPPED)
+            self._begin_stop_locked("unload", self._proc, State.STOPPED)
         else:
             token = self._claim_locked("unload", State.SLEEPING)
             self._thread(self._run_sleep, token)
 
     def _begin_restart_locked(self, reason: str) -> None:
         """A READY process crashed or wedged: restart with backoff, or FAILED when retries are spent."""
-        self.last_error = reason
         self._failures += 1
+        self.last_error, delay = restart_plan(self.spec, self._failures, reason)
         old = self._proc
-        if self._failures > self.spec.start_retries:
-            self.last_error = f"{reason}; gave up after {self.spec.start_retries} restart(s)"
+        if delay is None:
             log.error("backend %s: %s", self.name, self.last_error)
             if old is not None and old.poll() is None:
-                token = self._claim_locked("restart", State.STOPPING)
-                self._thread(self._run_stop, token, old, State.FAILED)
+                self._begin_stop_locked("restart", old, State.FAILED)
             else:
                 self._proc_gone_locked(old.returncode if old is not None else None)
                 self._set_state_locked(State.FAILED)
             return
-        delay = self.spec.backoff(self._failures)
         log.warning("backend %s: %s; restarting in %.2fs (failure %d of at most %d)", self.name, reason, delay,
                     self._failures, self.spec.start_retries)
         token = self._claim_locked("restart", State.STARTING)
@@ -453,7 +434,7 @@ class ManagedBackend:
                 proc = self._spawn(token)
                 if proc is None:
                     return
-                failure, timed_out = self._await_ready(token, proc)
+                failure, timed_out = await_ready(spec, proc, self._clock, lambda: self._owns(token))
                 if failure is None:
                     with self._cond:
                         if self._owns(token):
@@ -472,13 +453,10 @@ class ManagedBackend:
                     if self._proc is proc:
                         self._proc_gone_locked(proc.returncode)
                     self._failures += 1
-                    self.last_error = failure
-                    if timed_out or self._failures > spec.start_retries:
-                        if not timed_out:
-                            self.last_error = f"{failure}; gave up after {self._failures} failed attempt(s)"
+                    self.last_error, delay = retry_plan(spec, self._failures, failure, timed_out)
+                    if delay is None:
                         self._settle_locked(token, State.FAILED)
                         return
-                    delay = spec.backoff(self._failures)
                     not_before = self._clock() + delay
                     log.warning("backend %s: %s; retrying in %.2fs", self.name, failure, delay)
         finally:
@@ -517,37 +495,6 @@ class ManagedBackend:
                 self._spawning = False
                 self._cond.notify_all()
 
-    def _await_ready(self, token: object, proc: subprocess.Popen) -> tuple[str | None, bool]:
-        """(None, False) once healthy; else (why, timed_out). An exit is seen within one short wait."""
-        spec = self.spec
-        t0 = self._clock()
-        step = 0.02
-        while True:
-            rc = proc.poll()
-            if rc is not None:
-                return f"{describe_exit(rc)} during start (see {spec.log_path or 'its output'})", False
-            if not self._owns(token):
-                return "preempted", False
-            ok, _, _ = self._probe(min(1.0, spec.probe_timeout_s))
-            if ok:
-                return None, False
-            if self._clock() - t0 >= spec.start_timeout_s:
-                return f"not ready within start_timeout_s={spec.start_timeout_s:g}s", True
-            try:
-                proc.wait(step)
-            except subprocess.TimeoutExpired:
-                pass
-            step = min(step * 1.5, 0.25)
-
-    def _probe(self, timeout: float) -> tuple[bool, str, bool]:
-        try:
-            status = health_status(self.spec.host, self.spec.port, self.spec.health_path, timeout)
-        except (socket.timeout, TimeoutError) as e:
-            return False, f"timed out: {e}", True
-        except (OSError, http.client.HTTPException) as e:
-            return False, f"{type(e).__name__}: {e}", False
-        return status == 200, f"HTTP {status}", False
-
     def _terminate(self, proc: subprocess.Popen | None) -> None:
         kill_group(proc, self.spec.stop_timeout_s, f"backend {self.name}")
 
@@ -569,7 +516,7 @@ class ManagedBackend:
 
     def _run_sleep(self, token: object) -> None:
         """Owner of READY -> SLEEPING (state already SLEEPING): POST /sleep?level=N; on failure, stop."""
-        level = 2 if self.spec.sleep_method == "vllm-sleep-2" else 1
+        level = default_sleep_level(self.spec)
         try:
             with self._cond:
                 choose = self._choose_level
@@ -611,7 +558,7 @@ class ManagedBackend:
                 self.last_sleep_s, self._slept_at = self._clock() - self._slept_at, None
         try:
             self._engine_api.vllm_wake(level, timeout=self.spec.sleep_timeout_s)
-            ok, why, _ = self._probe(self.spec.probe_timeout_s)
+            ok, why, _ = probe(self.spec, self.spec.probe_timeout_s)
             if not ok:
                 raise RuntimeError(f"not healthy after wake_up: {why}")
         except (errors.SluiceError, RuntimeError) as e:
@@ -653,13 +600,7 @@ class ManagedBackend:
                         if triggered:   # we started it and someone stopped it before it was ready
                             raise errors.Unavailable(f"backend {self.name} was {st.value} while starting",
                                                      retry_after=1)
-                        if st is State.STOPPED:
-                            self._failures = 0
-                            self._begin_start_locked("start")
-                            triggered = True
-                        elif st is State.SLEEPING:
-                            self._begin_wake_locked()
-                            triggered = True
+                        triggered = self._begin_use_locked()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise errors.Unavailable(
@@ -692,82 +633,4 @@ class ManagedBackend:
                     log.exception("on_change callback for backend %s failed", self.name)
 
 
-# ---- many processes ----------------------------------------------------------------------------------------
-class Supervisor:
-    """Owns the ManagedBackends, the registry file and one monitor thread.
-
-    start(): clean up orphans of a crashed sluice, start eager backends, start the monitor.
-    stop():  stop the monitor (at once: it waits on an Event), then every backend in parallel."""
-
-    def __init__(self, specs: Sequence[ProcessSpec], state_dir: Path | str, clock: Callable[[], float] = time.monotonic,
-                 *, on_change: Callable[[str, State, State], None] | None = None, tick_s: float | None = None,
-                 is_busy: Callable[[str], bool] | None = None):
-        self.state_dir = Path(state_dir)
-        self.registry = Registry(self.state_dir)
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate backend names: {names}")
-        self._backends: dict[str, ManagedBackend] = {}
-        for s in specs:
-            busy = (lambda n=s.name: is_busy(n)) if is_busy is not None else None
-            self._backends[s.name] = ManagedBackend(s, clock=clock, registry=self.registry, on_change=on_change,
-                                                    is_busy=busy)
-        intervals = [s.probe_interval_s for s in specs] or [1.0]
-        self.tick_s = tick_s if tick_s is not None else max(0.05, min(0.25, min(intervals) / 2))
-        self._stopping = threading.Event()
-        self._monitor: threading.Thread | None = None
-        self.orphans_stopped: list[dict] = []
-
-    def start(self) -> "Supervisor":
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.orphans_stopped = cleanup_orphans(self.state_dir)
-        self.registry.write()
-        for b in self._backends.values():
-            if b.spec.start == "eager":
-                b.start()
-        self._monitor = threading.Thread(target=self._loop, name="sluice-supervisor", daemon=True)
-        self._monitor.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stopping.wait(self.tick_s):
-            for b in list(self._backends.values()):
-                if self._stopping.is_set():
-                    return
-                try:
-                    b.check()
-                except Exception:
-                    log.exception("monitor check of backend %s failed", b.name)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=max([b.spec.probe_timeout_s for b in self._backends.values()] or [1]) + 1)
-        threads = [threading.Thread(target=b.close, name=f"sluice-{b.name}-close", daemon=True)
-                   for b in self._backends.values()]
-        for t in threads:
-            t.start()
-        for t, b in zip(threads, self._backends.values()):
-            t.join(b.spec.stop_timeout_s + 15)
-        self.registry.close()
-
-    def __enter__(self) -> "Supervisor":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def get(self, name: str) -> ManagedBackend:
-        try:
-            return self._backends[name]
-        except KeyError:
-            raise KeyError(f"no managed backend {name!r}; known: {', '.join(self._backends) or 'none'}") from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._backends
-
-    def snapshot(self) -> list[dict]:
-        return [b.info() for b in self._backends.values()]
-
-
-__all__ = ["ALLOWED", "ManagedBackend", "State", "Supervisor"]
+__all__ = ["ALLOWED", "ManagedBackend", "State"]

@@ -16,7 +16,7 @@ import time
 from sluice import errors
 from sluice.backends import BackendOps, process_spec, upstream_url
 from sluice.config import Settings
-from sluice.supervisor import Supervisor
+from sluice.monitor import Supervisor
 from sluice.upstream import Upstream, json_body
 
 

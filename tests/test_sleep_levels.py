@@ -16,8 +16,9 @@ import pytest
 
 from conftest import base_env, call
 from sluice import config
+from sluice.backend_rules import State
 from sluice.backends import BackendOps, default_l1_ram_budget_gb, process_spec
-from sluice.supervisor import State, Supervisor
+from sluice.monitor import Supervisor
 from sluice.upstream import Upstream
 from test_gates import exclusive_toml
 from test_switch_faults import events, managed_toml

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from sluice import errors
+from sluice.backend_rules import ALLOWED, State
+from sluice.monitor import Supervisor
 from sluice.processes import (ENGINES, ProcessSpec, Registry, build_argv, free_port, process_start_time,
                               ram_tier_idle_s, spec_for, total_memory_bytes)
-from sluice.supervisor import ALLOWED, ManagedBackend, State, Supervisor
+from sluice.supervisor import ManagedBackend
 
 FAKE = str(Path(__file__).with_name("fake_engine.py"))
 
