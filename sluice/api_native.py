@@ -110,10 +110,7 @@ class NativeApi:
             return "draining: it takes no new requests (POST /admin/resume takes them again)"
         if doc.get("problem"):
             return f"queued requests are not being granted: {doc['problem']}"
-        exclusive = {g for g, v in snap["gates"].items() if v["mode"] == "exclusive"}
-        # The scheduler's own rule (gates.Backend.out): FAILED is out; DOWN is out except on an exclusive gate.
-        usable = {n for n, b in snap["backends"].items()
-                  if b["health"] != Health.FAILED and (b["health"] != Health.DOWN or b["gate"] in exclusive)}
+        usable = {n for n, b in snap["backends"].items() if not b["out"]}      # the scheduler's own rule
         stuck = [m.name for m in self.jobs.settings.models if m.backends and not usable.intersection(m.backends)]
         if stuck:
             return f"no backend can take model(s) {', '.join(stuck)} now; they would be refused 503"

@@ -24,7 +24,7 @@ from sluice.scheduler import Job
 from sluice.server import Handler, Route
 from sluice.streams import Stream
 from sluice.translate_responses import (ResponsesStream, chat_usage, hosted_tools, shell, to_chat, to_response,
-                                       tool_namespaces)
+                                       tool_names_header, tool_namespaces)
 from sluice.translate_stream import sse_data
 from sluice.upstream import Exchange
 
@@ -60,7 +60,7 @@ class ResponsesApi:
         chat = None if native else to_chat(body, upstream_model, cap)     # validated before it is queued
         spaces = tool_namespaces(body) if chat is not None else {}
         if chat is not None and hosted_tools(body):
-            h.extra_headers["X-Sluice-Tools-Left-Out"] = ", ".join(dict.fromkeys(hosted_tools(body)))
+            h.extra_headers["X-Sluice-Tools-Left-Out"] = tool_names_header(hosted_tools(body))
         job = self.jobs.new_job(h, body["model"], model, priority, ROUTE, stream=stream, timeout_s=None,
                                 payload=body.get("input"))
         # what a Response repeats of the request; a long instructions string as the real text, not its mark

@@ -6,9 +6,11 @@ thread (through `switch`), admin's `POST /admin/models/{name}/...` (through `mod
 handed to the scheduler (`Scheduler.switch_now`), which drains, switches and records exactly as for a
 request-driven switch, and calls back into `switch` from its switch thread.
 
-Every action raises on failure. `stop` of a server sluice does not run cannot stop it: it succeeds only
-when the server is verifiably asleep (`GET /is_sleeping`) or gone (connection refused), so a switch
-never wakes the next model beside one still awake.
+Every action raises on failure (a SluiceError, so an operator gets a clear answer). `stop` of a vLLM-style
+server sluice does not run cannot stop it: it succeeds only when the server is verifiably asleep (`GET
+/is_sleeping`) or gone (connection refused), so a switch never wakes the next model beside one still awake.
+For `switch = "command"` a stop runs `sleep_cmd` again and trusts its exit status: sluice has no way to
+look.
 
 Sleep levels (`switch = "vllm-sleep-auto"`): vLLM cannot move a sleeping model from level 1 to level 2
 without waking it, so the level is chosen when the model is put to sleep (`choose_level`) and kept in one
@@ -122,8 +124,8 @@ class BackendOps:
         elif cfg.switch == "vllm-sleep-auto":
             with self._levels_lock:
                 entry = self._asleep.get(backend)
-            if entry is None and self.awake_reason(backend, tries=1) is not None:
-                return            # not put to sleep by this sluice, and awake: nothing to wake
+            if entry is None and self._says_asleep(backend) is False:
+                return            # not put to sleep by this sluice, and it says it is awake: nothing to wake
             # Asleep at a level it was not put to by this sluice: level 2's wake is right for either level.
             self.wake_level(backend, entry[0] if entry is not None else 2)
             with self._levels_lock:
@@ -235,6 +237,16 @@ class BackendOps:
             return None if asleep else f"GET /is_sleeping says it is awake (HTTP {status}: {body[:100]!r})"
         return why
 
+    def _says_asleep(self, backend: str, timeout: float = 5.0) -> bool | None:
+        """What `GET /is_sleeping` says (True, False); None when the server does not say (no answer, an
+        error, a body without the flag): then only a wake is safe, never assuming it is awake."""
+        try:
+            status, body = self._get(backend, "/is_sleeping", timeout)
+            flag = json.loads(body).get("is_sleeping") if status == 200 else None
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            return None
+        return flag if isinstance(flag, bool) else None
+
     def _get(self, backend: str, path: str, timeout: float) -> tuple[int, bytes]:
         up = self._upstreams[backend]
         conn = http.client.HTTPConnection(up.host, up.port, timeout=timeout)
@@ -250,9 +262,12 @@ class BackendOps:
         try:
             r = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{argv[0]} did not finish within sleep_timeout_s={timeout:g}s") from None
+            raise errors.BadGateway(f"{argv[0]} did not finish within sleep_timeout_s={timeout:g}s") from None
+        except OSError as e:                 # not found, not executable: the configured command is wrong
+            raise errors.BadGateway(f"cannot run {argv[0]}: {e.strerror or e}; check sleep_cmd/wake_cmd") from None
         if r.returncode != 0:
-            raise RuntimeError(f"{argv[0]} exited {r.returncode}: {r.stderr[-300:].decode(errors='replace')}")
+            raise errors.BadGateway(f"{argv[0]} exited {r.returncode}: "
+                                    f"{r.stderr[-300:].decode(errors='replace')}")
 
     # ---- admin: one model's backends ------------------------------------------------------------------------
     def model_action(self, model: str, backends, action: str, scheduler) -> dict:
@@ -279,10 +294,11 @@ class BackendOps:
                     switched.append(scheduler.switch_now(gate, model if up else None, evict=None if up else model,
                                                          how=self._down(backends, action)))
                 continue
-            if not up and scheduler.busy(b):
-                raise errors.Conflict(f"backend {b!r} has requests in flight or queued; {action} it when they "
-                                      "are done (POST /admin/drain stops new ones)")
-            self.switch(b, "wake" if up else self._down([b], action))
+            if up:
+                self.switch(b, "wake")
+                continue
+            with scheduler.holding(b, action):        # idle, and kept so while it goes down
+                self.switch(b, self._down([b], action))
         return {"model": model, "action": action, "backends": list(backends), "switches": switched}
 
     def _down(self, backends, action: str) -> str:

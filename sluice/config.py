@@ -316,6 +316,12 @@ def _check_topology(gates: list[GateConfig], backends: list[BackendConfig], mode
         if b.switch == "command" and not (b.sleep_cmd and b.wake_cmd):
             raise ConfigError(f"backends.{b.name}.switch: \"command\" needs sleep_cmd and wake_cmd")
         _check_sleep_levels(b)
+    for g in gates:
+        eager = [b.name for b in backends if b.gate == g.name and b.managed and b.start == "eager"]
+        if g.mode == "exclusive" and len(eager) > 1:     # both would load onto the GPU at once at start
+            raise ConfigError(f"backends.{eager[1]}.start: gate {g.name!r} is exclusive (one model on the GPU at a "
+                              f"time) and {eager[0]!r} already starts eager; make at most one eager (start = "
+                              '"lazy" loads it on its first request)')
     backend_names = {b.name for b in backends}
     seen: dict[str, str] = {}
     for m in models:

@@ -106,6 +106,7 @@ class Backend:
     health: Health = Health.PENDING
     current: str | None = None    # the model it last served (affinity; JIT drain guard while inflight)
     reserved: bool = False        # JIT: draining so a better-placed job for another model can load
+    held: bool = False            # an operator's sleep/unload is running on it (Scheduler.holding): no grants
     why: str | None = None        # what made it FAILED
 
     @property
@@ -123,7 +124,7 @@ class Backend:
         return self.spec.models
 
     def can_take(self, model: str) -> bool:
-        if self.inflight >= self.slots or not self.gate.has_slot():
+        if self.held or self.inflight >= self.slots or not self.gate.has_slot():
             return False
         if self.gate.exclusive:
             # Only the resident model's backend is awake; a failed probe of a sleeping one means nothing.
@@ -243,4 +244,5 @@ class Pool:
 
     def view(self) -> dict:
         return {b.name: {"health": b.health.value, "inflight": b.inflight, "slots": b.slots, "gate": b.gate.name,
-                         "current": b.current, "models": sorted(b.models)} for b in self.backends.values()}
+                         "current": b.current, "models": sorted(b.models), "out": b.out}
+                for b in self.backends.values()}

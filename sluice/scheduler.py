@@ -10,22 +10,15 @@ back. Grants are decided only under the lock: inline on submit when the gate is 
 the Switcher: decided on the dispatcher's pass, run on a switch thread that calls the backends without
 the lock.
 
-Lock order, the one place it is written down (a lock may be taken while holding those before it, never
-the other way round):
-
-    ModelTable._lock (models.py)  ->  the scheduler's lock  ->  an upstream Exchange's _lock (upstream.py)
-                                                           ->  a waiting job's Event (Job.wake)
-
-The Exchange arrow is the cancel hooks: a drain that times out (`_abort_gate_locked`) calls the in-flight
-jobs' hooks under the scheduler's lock. A hook is `Exchange.abort`, which takes only its own lock around
-a socket shutdown and never calls back into the scheduler, so it cannot block or deadlock. Nothing else
-runs under the lock: the switcher's backend calls, `on_switch`, the `on_finish` observers, SSE ticks and a
-client's `cancel()` hook are all called after it is released. The supervisor asks `busy()` outside its
-own lock (supervisor.py).
+The lock order of the whole daemon is written once, in docs/design.md ("Lock order"). Here: the only
+thing called under the scheduler's lock is a cancel hook on a drain timeout (`Exchange.abort`: its own
+lock around a socket shutdown, never calling back); the switcher's backend calls, `on_switch`, the
+`on_finish` observers, SSE ticks and a client's `cancel()` hook run after it is released.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -131,6 +124,24 @@ class Scheduler:
 
     def is_exclusive(self, gate: str) -> bool:
         return self._gates[gate].exclusive
+
+    @contextlib.contextmanager
+    def holding(self, backend: str, what: str):
+        """Nothing is granted to `backend` while the block runs (an operator putting it down on a shared
+        gate): checked idle and held under one lock hold, so no job slips in between. Conflict if it has
+        work in flight or waiting."""
+        with self._lock:
+            b = self._backends[backend]
+            if b.inflight > 0 or self._queued.has(b.models) or b.held:
+                raise errors.Conflict(f"backend {backend!r} has requests in flight or queued; {what} it when "
+                                      "they are done (POST /admin/drain stops new ones)")
+            b.held = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                b.held = False
+                self._work.notify()
 
     def busy(self, backend: str) -> bool:
         """Whether a backend has work in flight or waiting (idle unload must not happen then)."""

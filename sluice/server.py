@@ -291,10 +291,14 @@ class Handler(BaseHTTPRequestHandler):
         extra = {**self.extra_headers, **headers} if headers else self.extra_headers
         reason = self.responses.get(status, _REASONS.get(status, ("",)))[0]
         head = f"HTTP/1.1 {status} {reason}\r\n{lines}X-Request-Id: {self.request_id}\r\n"
-        head += "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
+        fields = "".join([f"{k}: {v}\r\n" for k, v in extra.items()])
+        if fields.count("\n") != len(extra) or fields.count("\r") != len(extra):
+            # a CR or LF inside a value: no header value may ever split the head (response splitting)
+            fields = "".join([f"{k}: {' '.join(str(v).splitlines())}\r\n" for k, v in extra.items()])
+        head += fields
         if self.close_connection:
             head += "Connection: close\r\n"
-        return (head + "\r\n").encode("latin-1")
+        return (head + "\r\n").encode("latin-1", "replace")      # a value outside latin-1 becomes '?', not an error
 
     def respond_json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
         self.respond(status, compact_json(obj).encode(), headers=headers)

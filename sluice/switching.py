@@ -100,7 +100,7 @@ class Switcher:
                 raise ValueError(f"gate {gate!r} is not exclusive")
             if g.switching or g.order is not None:
                 raise errors.Conflict(f"a model switch is running on gate {gate!r}; retry when it ends")
-            if target is not None and target == g.resident:
+            if target is not None and target == g.resident and g.drain_target is None:
                 return {"from": target, "to": target, "result": "ok", "resident": target}
             order = g.order = SwitchOrder(target, evict, how)
             self._work.notify()
@@ -147,13 +147,15 @@ class Switcher:
         threading.Thread(target=self._switch, args=(gate, old, target, sleepers, wakers, drain_s, how, order),
                          name=f"sluice-switch-{gate.name}", daemon=True).start()
 
-    def _take_down(self, gate: Gate, sleepers: list[Backend], how: str) -> str | None:
-        """Put every sleeper to sleep (or stop it); None once each is verified asleep or gone, else why not.
-        A failed sleep falls back to "stop", which for a server sluice does not run means: seen asleep
-        (`/is_sleeping`) or gone. Anything else leaves it possibly awake, so the switch must not wake another."""
+    def _take_down(self, gate: Gate, sleepers: list[Backend], how: str, down: list[Backend]) -> str | None:
+        """Put every sleeper to sleep (or stop it), adding each to `down`; None once each is verified asleep
+        or gone, else why not. A failed sleep falls back to "stop", which for a server sluice does not run
+        means: seen asleep (`/is_sleeping`) or gone. Anything else leaves it possibly awake, so the switch must
+        not wake another."""
         for b in sleepers:
             try:
                 self._act(b.name, how)
+                down.append(b)
                 continue
             except Exception as e:
                 if how != "sleep":
@@ -162,9 +164,22 @@ class Switcher:
                 first = e
             try:
                 self._act(b.name, "stop")
+                down.append(b)
             except Exception as e2:
                 return f"putting {b.name} to sleep failed ({first}) and it is neither stopped nor seen asleep ({e2})"
         return None
+
+    def _back_up(self, gate: Gate, down: list[Backend]) -> bool:
+        """An aborted switch: the old model stays resident, so the sleepers already put down (they serve it)
+        are woken again. False if one would not come back: then no resident is trusted."""
+        ok = True
+        for b in down:
+            try:
+                self._act(b.name, "wake")
+            except Exception as e:
+                log.error("gate %s: waking %s again after the aborted switch failed: %s", gate.name, b.name, e)
+                ok = False
+        return ok
 
     def _switch(self, gate: Gate, old: str | None, target: str | None, sleepers: list[Backend],
                 wakers: list[Backend], drain_s: float, how: str, order: SwitchOrder | None) -> None:
@@ -173,8 +188,12 @@ class Switcher:
         t0 = t1 = t2 = self._clock()
         phases = {"from": old, "to": target, "drain_s": round(drain_s, 3)}
         failure = aborted = None
+        down: list[Backend] = []
+        restored = True
         try:
-            aborted = self._take_down(gate, sleepers, how)
+            aborted = self._take_down(gate, sleepers, how, down)
+            if aborted and down:
+                restored = self._back_up(gate, down)
             t1 = self._clock()
             if aborted is None:
                 for b in wakers:
@@ -187,13 +206,14 @@ class Switcher:
         except Exception as e:        # a bug in the switch itself: fail safe (the old model may be awake)
             log.exception("gate %s: switch %s -> %s crashed", gate.name, old, target)
             aborted = f"the switch crashed: {e!r}"
+            restored = not down
         result = "aborted" if aborted else "failed" if failure else "ok"
         phases.update(sleep_s=round(t1 - t0, 3), wake_s=round(t2 - t1, 3), result=result)
         failed: list = []
         try:
             with self._work:
                 failed = self._hand_back_locked(gate, old, target, wakers, order, phases, failure, aborted,
-                                                t0, t2)
+                                                t0, t2, restored)
             if aborted:
                 log.error("gate %s: switch %s -> %s aborted, %s stays loaded: %s", gate.name, old, target, old,
                           aborted)
@@ -215,7 +235,7 @@ class Switcher:
                 order.done.set()
 
     def _hand_back_locked(self, gate: Gate, old, target, wakers: list[Backend], order, phases, failure, aborted,
-                          t0: float, t2: float) -> list:
+                          t0: float, t2: float, restored: bool = True) -> list:
         """End the switch: record its result, settle the resident, answer the target's waiting jobs if it
         did not come up. Returns those jobs (their observers are told outside the lock)."""
         gate.switching = False
@@ -224,7 +244,11 @@ class Switcher:
         self._stale.discard(gate.name)
         err = None
         if aborted:
-            # Nothing was woken: the old model stays resident. The target's waiting jobs are answered now.
+            # Nothing of the target was woken: the old model stays resident, unless one of its backends would
+            # not come back or the model table changed under the switch (then the next switch starts from no
+            # resident, putting every other backend to sleep). The target's waiting jobs are answered now.
+            if stale or not restored:
+                gate.resident = None
             gate.switch_failures += 1
             err = errors.Unavailable(f"model {target or order.evict!r} was not switched: {aborted}; "
                                      f"{old!r} stays loaded; retry later", retry_after=5)
@@ -240,7 +264,8 @@ class Switcher:
             if stale:      # the model table changed under the switch: the next grant switches afresh
                 gate.resident = None
         else:
-            # Nothing is awake now; fail this model's waiting jobs fast so the next model can go.
+            # The target did not come up (some of its backends may have): no resident, so the next switch
+            # puts every backend but its target's to sleep first. Fail its waiting jobs fast.
             gate.resident = None
             gate.switch_failures += 1
             err = errors.Unavailable(f"model {target!r} could not be loaded ({failure}); retry later",

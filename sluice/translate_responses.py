@@ -22,6 +22,7 @@ text).
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ _STORED = {"previous_response_id": "send the whole conversation in `input` inste
            "prompt": "send the prompt's text as `instructions` and `input` instead"}
 # Tool types translation handles (custom tools are refused); any other type is a hosted tool, left out.
 _LOCAL_TOOLS = ("function", "namespace", "custom")
+_TOOL_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
@@ -158,6 +160,13 @@ def hosted_tools(body: dict) -> list[str]:
     tools = body.get("tools")
     return [t["type"] for t in tools if isinstance(t, dict) and isinstance(t.get("type"), str)
             and t["type"] not in _LOCAL_TOOLS] if isinstance(tools, list) else []
+
+
+def tool_names_header(types: list[str]) -> str:
+    """The left-out tool types for a response header: client text, so only plain names (no CR/LF, nothing
+    outside ASCII), each once, at most 10."""
+    names = [t for t in dict.fromkeys(types) if _TOOL_TYPE.fullmatch(t)][:10]
+    return ", ".join(names) or "(unnamed)"
 
 
 def _function(t: dict, p: str) -> dict:

@@ -7,6 +7,7 @@ Exit 0 only when every row passes.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import subprocess
@@ -44,15 +45,47 @@ def probe_request(up: Upstream, model_id: str, timeout: float = 300.0) -> str:
     return json_body(data, up.name)["choices"][0]["message"]["content"]
 
 
+def daemon_in_the_way(settings: Settings, managed: bool) -> str | None:
+    """Why validate must not act now, when a sluice serves this configuration's port; None when free.
+
+    validate sleeps and wakes the backend itself: beside a daemon that is routing to it, that would cut its
+    requests (and on an exclusive gate, wake a model beside the resident one). So a running daemon must be
+    drained and idle first, and a backend it runs (managed) cannot be validated beside it at all: a second
+    copy of the process would load a second model."""
+    conn = http.client.HTTPConnection(settings.host, settings.port, timeout=2)
+    try:
+        conn.request("GET", "/v1/health")
+        resp = conn.getresponse()
+        doc = json.loads(resp.read() or b"{}")
+    except (OSError, http.client.HTTPException, ValueError):
+        return None                                     # nothing (or not sluice) on the port
+    finally:
+        conn.close()
+    where = f"sluice is running on {settings.host}:{settings.port}"
+    if managed:
+        return f"{where} and runs this backend's process; stop sluice to validate it"
+    if not isinstance(doc, dict) or doc.get("status") != "draining":
+        return (f"{where}; validate puts the backend to sleep, which would cut its requests: "
+                "POST /admin/drain first (POST /admin/resume after)")
+    queue = doc.get("queue") or {}
+    if queue.get("pending") or queue.get("active"):
+        return f"{where}, drained, but requests are still queued or running; retry when they are done"
+    return None
+
+
 def run(settings: Settings, model_name: str, levels: list[int], out=sys.stdout) -> int:
     """Builds only the model's backend (its upstream, its process if sluice runs it): no HTTP server, so it
-    runs beside the daemon it validates."""
+    runs beside a drained daemon (see daemon_in_the_way)."""
     model = next((m for m in settings.models if model_name in (m.name, *m.aliases)), None)
     if model is None:
         print(f"sluice validate: unknown model {model_name!r}; known: {', '.join(settings.model_names()[:-1])}",
               file=sys.stderr)
         return 2
     cfg = next(b for b in settings.backends if b.name == model.backends[0])
+    why = daemon_in_the_way(settings, cfg.managed)
+    if why is not None:
+        print(f"sluice validate: {why}", file=sys.stderr)
+        return 1
     spec = process_spec(cfg, settings) if cfg.managed else None
     up = Upstream(cfg.name, upstream_url(cfg, spec), cfg.api_key)
     supervisor = Supervisor([spec], settings.state_dir) if spec is not None else None

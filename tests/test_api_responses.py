@@ -560,3 +560,14 @@ env_key = "SLUICE_TEST_KEY"
     assert sent["stream"] is True and sent["messages"][0]["role"] == "system"       # its developer messages
     assert "exec_command" in {t["function"]["name"] for t in sent["tools"]}       # its function tools, flattened
     assert "t0 t1 t2" in run.stdout + run.stderr
+
+
+def test_a_hosted_tool_name_cannot_split_the_answer_or_break_it(make_app, make_backend, scripted):
+    """The left-out tool types are client text: one with CR/LF must not inject a header, one outside
+    latin-1 must not cost the answer."""
+    chat = scripted(tool_call_answer)
+    app = make_app(toml=TOML.format(chat=chat.url, resp=make_backend().url))
+    tools = [{"type": "web\r\nSet-Cookie: pwned=1"}, {"type": "检索\ud800"}, {"type": "file_search"}]
+    status, headers, _ = call(app, "POST", "/v1/responses", {"model": "chatty", "input": "hi", "tools": tools})
+    assert status == 200
+    assert "Set-Cookie" not in headers and headers["X-Sluice-Tools-Left-Out"] == "file_search"

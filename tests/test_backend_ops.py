@@ -126,3 +126,64 @@ def test_a_sleep_that_hangs_is_bounded_by_sleep_timeout_s(make_app, make_backend
     a.release_control()
     assert status == 503 and "not switched" in body["error"]["message"], body
     assert ("llama", "POST /wake_up") not in log and gate(app)["resident"] == "qwen"
+
+
+def test_a_sleep_command_that_cannot_run_is_a_clear_502_not_a_500(make_app, make_backend, tmp_path):
+    b = make_backend(model="m")
+    missing = tmp_path / "no-such-sleep-command"
+    app = make_app(toml=f'''
+[[backends]]
+name = "B"
+url = "{b.url}"
+switch = "command"
+sleep_cmd = ["{missing}"]
+wake_cmd = ["{missing}"]
+
+[[models]]
+name = "m"
+backends = ["B"]
+''')
+    for action in ("sleep", "wake"):
+        status, _, body = call(app, "POST", f"/admin/models/m/{action}")
+        assert status == 502 and "cannot run" in body["error"]["message"] and "sleep_cmd" in body["error"]["message"]
+    assert call(app, "POST", "/v1/chat/completions", chat("m"))[0] == 200      # the backend still serves
+
+
+def test_a_shared_gate_backend_takes_no_new_request_while_an_operator_puts_it_to_sleep(make_app, make_backend):
+    """Checked idle and held under one lock hold: a request arriving during the sleep call waits for it,
+    instead of being granted to a server going to sleep under it."""
+    b = make_backend(model="m")
+    app = make_app(toml=f'[[backends]]\nname = "B"\nurl = "{b.url}"\nswitch = "vllm-sleep-1"\n'
+                        '[[models]]\nname = "m"\nbackends = ["B"]\n')
+    assert call(app, "POST", "/v1/chat/completions", chat("m"))[0] == 200
+    b.hang_control.add("/sleep")
+    sleeping, slept = in_thread(lambda: call(app, "POST", "/admin/models/m/sleep", timeout=20))
+    until(lambda: any("/sleep" in c for _, c in b.control_calls), what="the sleep call under way")
+    asking, answer = in_thread(lambda: call(app, "POST", "/v1/chat/completions", chat("m", "late"), timeout=20))
+    until(lambda: app.scheduler.snapshot()["pending"] == 1, what="the late request queued, not granted")
+    assert len(b.arrivals) == 1
+    b.release_control()
+    sleeping.join(10)
+    asking.join(10)
+    assert slept["r"][0] == 200 and "r" in answer          # then granted (to the server the operator put down)
+
+
+def test_an_aborted_switch_wakes_again_what_it_had_already_put_down(make_app, make_backend):
+    """qwen runs on two servers of the gate; the second will not sleep (and says it is awake). The switch
+    to llama is aborted; the first, already asleep, is woken again, so qwen keeps both its servers."""
+    a1, a2, b = make_backend(model="qwen"), make_backend(model="qwen"), make_backend(model="llama")
+    toml = '[[gates]]\nname = "gpu0"\nmode = "exclusive"\nslots = 2\n'
+    for name, fake in (("A1", a1), ("A2", a2), ("B", b)):
+        toml += f'[[backends]]\nname = "{name}"\nurl = "{fake.url}"\ngate = "gpu0"\nswitch = "vllm-sleep-1"\n'
+    toml += '[[models]]\nname = "qwen"\nbackends = ["A1", "A2"]\n[[models]]\nname = "llama"\nbackends = ["B"]\n'
+    app = make_app(toml=toml)
+    assert call(app, "POST", "/v1/chat/completions", chat("qwen"))[0] == 200
+    a2.fail_control.add("/sleep")
+    status, _, body = call(app, "POST", "/v1/chat/completions", chat("llama"), timeout=30)
+    assert status == 503 and "not switched" in body["error"]["message"]
+    assert [c for _, c in a1.control_calls][-2:] == ["POST /sleep?level=1", "POST /wake_up"] and not a1.sleeping
+    assert ("llama", "POST /wake_up") not in [(f.model, c) for f in (b,) for _, c in f.control_calls]
+    assert gate(app)["resident"] == "qwen"
+    for _ in range(4):                                       # both of qwen's servers serve again
+        assert call(app, "POST", "/v1/chat/completions", chat("qwen"))[0] == 200
+    assert a1.violations == [] and a2.violations == []

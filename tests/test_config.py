@@ -229,3 +229,17 @@ upstream_model = "meta/llama"
     assert source == {"qwen": "config", "llama": "config", "phi": "discovered", "old": "retiring"}
     models, _ = model_table(s, {})                # nothing listed yet: only what the file pins
     assert {m.name: m.backends for m in models} == {"qwen": ("a",), "llama": ()}
+
+
+def test_two_eager_backends_on_one_exclusive_gate_are_refused(tmp_path):
+    """Both would load onto the GPU at start, before the gate has a resident model."""
+    backend = 'name = "{n}"\ngate = "gpu"\ncommand = "python -m http.server {{port}}"\nstart = "{s}"\n'
+    toml = '[[gates]]\nname = "gpu"\nmode = "exclusive"\n'
+    p = tmp_path / "sluice.toml"
+    p.write_text(toml + "".join("[[backends]]\n" + backend.format(n=n, s="eager") for n in "AB"))
+    with pytest.raises(ConfigError) as e:
+        load(p, environ={})
+    assert "backends.B.start" in str(e.value) and "at most one eager" in str(e.value)
+    p.write_text(toml + "[[backends]]\n" + backend.format(n="A", s="eager") + "[[backends]]\n"
+                 + backend.format(n="B", s="lazy"))
+    assert {b.name: b.start for b in load(p, environ={}).backends if b.name in "AB"} == {"A": "eager", "B": "lazy"}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
-from conftest import base_env
+from conftest import base_env, call
 from sluice import config
 from sluice.validate import run
 
@@ -44,8 +45,9 @@ def test_unknown_model_is_usage_error(tmp_path, backend):
     assert run(settings_for(tmp_path, backend), "nope", [1], io.StringIO()) == 2
 
 
-def test_runs_beside_the_daemon_it_validates(tmp_path, backend, make_app):
-    """validate builds only the model's backend, no HTTP server: the daemon holding the port is no obstacle."""
+def test_runs_beside_the_daemon_it_validates_once_it_is_drained(tmp_path, backend, make_app):
+    """validate builds only the model's backend, no HTTP server: the daemon holding the port is no obstacle,
+    but a daemon still taking work is: validate refuses until it is drained."""
     app = make_app({"SLUICE_FAST_URL": backend.url, "SLUICE_REASONING_URL": backend.url})
     p = tmp_path / "v.toml"
     p.write_text(f'[server]\nport = {app.port}\n[[backends]]\nname = "v"\nurl = "{backend.url}"\nswitch = "vllm-sleep-1"\n'
@@ -53,6 +55,11 @@ def test_runs_beside_the_daemon_it_validates(tmp_path, backend, make_app):
     env = {k: v for k, v in base_env(tmp_path).items() if k != "SLUICE_PORT"}
     settings = config.load(p, environ=env)
     assert settings.port == app.port
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):           # serving: validate would cut its requests
+        assert run(settings, "m", [1], io.StringIO()) == 1
+    assert "POST /admin/drain first" in err.getvalue() and backend.control_calls == []
+    assert call(app, "POST", "/admin/drain")[0] == 200
     out = io.StringIO()
     assert run(settings, "m", [1], out) == 0, out.getvalue()
     assert "PASS" in out.getvalue()
