@@ -69,7 +69,7 @@ class Scheduler:
             self._work, self._gates.values(), clock=clock, act=switcher or (lambda backend, action: None),
             on_switch=on_switch, decide=decide or policies.decide,   # injectable: a test's failing policy
             waiting=self._queued.waiting, fail_waiting=self._fail_waiting_locked, abort=self._abort_gate_locked,
-            finished=self._notify_finished)
+            finished=self._notify_finished, woken=lambda b: self._pool.set_health(b.name, Health.READY, None))
         self._costs = self._switching.costs
         self._dispatcher = Dispatcher(self._work, self._queued, self._pool, self._switching,
                                       grant=self._grant_locked, clock=clock)

@@ -15,7 +15,7 @@ import threading
 from typing import Callable, Iterable
 
 from sluice import errors
-from sluice.gates import Backend, Gate, Health, SwitchOrder
+from sluice.gates import Backend, Gate, SwitchOrder
 from sluice.policies import GateView, SwitchCosts, Waiting, next_deadline
 
 log = logging.getLogger("sluice.scheduler")
@@ -28,7 +28,8 @@ class Switcher:
     on failure; `on_switch(gate, phases)` hears of each switch; `decide` is the policy (policies.decide).
     From the scheduler: `waiting(models, now)` the runnable queued jobs of those models as the policy sees
     them, `fail_waiting(model, err)` answers every queued job of a model with `err` and returns them,
-    `abort(gate, err)` cuts the gate's jobs in flight short, `finished(jobs)` tells the observers (no lock).
+    `abort(gate, err)` cuts the gate's jobs in flight short, `finished(jobs)` tells the observers (no lock),
+    `woken(backend)` records a woken backend READY (through the Pool, health's one writer).
     """
 
     def __init__(self, work: threading.Condition, gates: Iterable[Gate], *, clock: Callable[[], float],
@@ -36,7 +37,8 @@ class Switcher:
                  decide: Callable[[str, GateView, SwitchCosts], str | None],
                  waiting: Callable[[set[str], float], tuple[Waiting, ...]],
                  fail_waiting: Callable[[str, errors.SluiceError], list],
-                 abort: Callable[[Gate, errors.SluiceError], None], finished: Callable[[list], None]):
+                 abort: Callable[[Gate, errors.SluiceError], None], finished: Callable[[list], None],
+                 woken: Callable[[Backend], object] = lambda b: None):
         self._work = work
         self._gates = {g.name: g for g in gates}
         self._clock = clock
@@ -44,6 +46,7 @@ class Switcher:
         self._on_switch = on_switch
         self._decide = decide
         self._waiting, self._fail_waiting, self._abort, self._finished = waiting, fail_waiting, abort, finished
+        self._woken = woken          # a woken backend is READY: recorded by its one writer (Pool.set_health)
         # what each gate has measured; read and written only under the lock
         self.costs = {g.name: SwitchCosts(seed_s=g.config.switch_cost_s) for g in self._gates.values()}
         self._stale: set[str] = set()     # gates whose running switch the model table overtook
@@ -257,7 +260,7 @@ class Switcher:
                 gate.resident, gate.resident_since, gate.served_since_switch = target, t2, 0
                 gate.switches += 1
                 for b in wakers:
-                    b.health = Health.READY
+                    self._woken(b)
                 self.costs[gate.name].observe(old, target, t2 - t0)
             elif order is not None and old == order.evict:
                 gate.resident = None
