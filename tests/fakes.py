@@ -40,6 +40,50 @@ class QuietServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
+class ScriptedHandler(BaseHTTPRequestHandler):
+    """The base of a test's own scripted stand-in handler: HTTP/1.1, silent, `send_body` for a whole answer."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_body(self, status: int, data: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class Served:
+    """A handler class served on 127.0.0.1 port 0 in a thread until close(); `url` is its /v1 base."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.server = QuietServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeClock:
+    """An injected clock that moves only when a test says (`advance`); read from several threads."""
+
+    def __init__(self):
+        self.t = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.t
+
+    def advance(self, dt: float) -> None:
+        with self._lock:
+            self.t += dt
+
+
 class FakeBackend:
     def __init__(self, model: str = "fake-model", mode: str = "ok", limit: int | None = None,
                  chunks: int = 3, chunk_delay: float = 0.0):

@@ -13,8 +13,6 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
-from http.server import BaseHTTPRequestHandler
 
 import anthropic
 import pytest
@@ -23,8 +21,9 @@ from hypothesis import strategies as st
 
 from conftest import call
 from fake_anthropic import KEY, FakeAnthropic
-from fakes import QuietServer
-from test_api_native import pending, totals_add_up, until
+from fakes import Served, ScriptedHandler
+from test_api_native import pending, until
+from test_openai import leave_mid_stream
 
 PNG = base64.b64encode(bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000" "1f15c4890000000d49444154789c63f8cfc0500f0004850180"
@@ -41,7 +40,7 @@ def msg_body(text="hi", model="fast", **kw):
     return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}], **kw}
 
 
-class Scripted:
+class Scripted(Served):
     """A stand-in backend answering scripted bodies: `answer` (a JSON object) or `events` (SSE event bytes,
     sent one by one). Records each request's path, body and raw bytes. `hold` keeps a stream open after its
     first event until the client leaves (`left` set)."""
@@ -55,20 +54,15 @@ class Scripted:
         self.requests: list[tuple[str, dict, bytes]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class Handler(ScriptedHandler):
             def do_GET(self):
-                self._send(200, b'{"object": "list", "data": [{"id": "up-model"}]}')
+                self.send_body(200, b'{"object": "list", "data": [{"id": "up-model"}]}')
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.requests.append((self.path, json.loads(raw), raw))
                 if outer.status != 200 or not json.loads(raw).get("stream"):
-                    return self._send(outer.status, json.dumps(outer.answer).encode())
+                    return self.send_body(outer.status, json.dumps(outer.answer).encode())
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -86,20 +80,7 @@ class Scripted:
                         outer.left.set()
                         return
 
-            def _send(self, status, data):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -411,19 +392,11 @@ def test_client_leaving_a_stream_closes_upstream_within_a_second_and_frees_the_s
     conn, resp = raw_events(app, msg_body("streaming", stream=True), read=False)
     while b"content_block_delta" not in resp.readline():
         pass
-    results = {}
-    queued = threading.Thread(target=lambda: results.update(r=call(app, "POST", "/v1/messages", msg_body("next"))))
-    queued.start()
-    until(lambda: pending(app) == 1, what="the next request to queue")
-    left_at = time.monotonic()
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
-    assert slow.wait_disconnects(1, timeout=3)
-    assert slow.disconnects[0] - left_at < 1.0
-    queued.join(10)
-    assert results["r"][0] == 200 and slow.prompts() == ["streaming", "next"]
-    until(lambda: app.scheduler.totals["cancelled"] == 1)
-    totals_add_up(app)
+
+    def leave():
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    leave_mid_stream(app, slow, leave, "/v1/messages", msg_body("next"))
 
 
 def test_priority_from_body_and_header(make_app, backend):

@@ -9,14 +9,13 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 
 import ollama
 import pytest
 
 from conftest import call, until
 from fake_anthropic import KEY, FakeAnthropic
-from fakes import QuietServer
+from fakes import Served, ScriptedHandler
 
 UPSTREAM = "mlx-community/Qwen3-1.7B-4bit"      # the default "fast" model's upstream id
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(range(40))).decode()
@@ -143,21 +142,16 @@ def test_tags_show_ps_version_pull(app, backend):
 
 
 # ---- tool calls --------------------------------------------------------------------------------------------
-class ToolBackend:
+class ToolBackend(Served):
     """A stand-in that answers every chat with one tool call (streamed as OpenAI does: arguments in pieces)."""
 
     def __init__(self):
         self.arrivals: list[dict] = []
         outer = self
 
-        class H(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
+        class H(ScriptedHandler):
             def do_GET(self):
-                self._send(200, b'{"data": []}', "application/json")
+                self.send_body(200, b'{"data": []}')
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -166,29 +160,16 @@ class ToolBackend:
                 if not body.get("stream"):
                     msg = {"role": "assistant", "content": None, "tool_calls": [
                         {**call_, "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]}
-                    return self._send(200, json.dumps({"choices": [{"message": msg, "finish_reason": "tool_calls"}],
+                    return self.send_body(200, json.dumps({"choices": [{"message": msg, "finish_reason": "tool_calls"}],
                                                        "usage": {"prompt_tokens": 9, "completion_tokens": 4}}).encode())
                 pieces = [{"tool_calls": [{**call_, "function": {"name": "weather", "arguments": '{"ci'}}]},
                           {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]}]
                 events = [{"choices": [{"delta": d, "finish_reason": None}]} for d in pieces]
                 events.append({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
                 data = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
-                self._send(200, data, "text/event-stream")
+                self.send_body(200, data, "text/event-stream")
 
-            def _send(self, status, data, ctype="application/json"):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = QuietServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(H)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler
 
 import openai
 import pytest
@@ -19,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import call, until
-from fakes import QuietServer
+from fakes import Served, ScriptedHandler
 from test_api_native import pending, totals_add_up
 from test_observe import read_log
 from sluice import errors
@@ -36,7 +35,7 @@ def sse(obj: dict, event: str | None = None) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
-class Scripted:
+class Scripted(Served):
     """A stand-in backend that records each POST (path, raw bytes, parsed body) and answers it with
     `reply(path, body)`: a dict (JSON) or a list of SSE event bytes (a stream)."""
 
@@ -45,14 +44,9 @@ class Scripted:
         self.arrivals: list[tuple[str, bytes, dict]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(ScriptedHandler):
             def do_GET(self):
-                self._send(200, "application/json", json.dumps({"object": "list", "data": []}).encode())
+                self.send_body(200, json.dumps({"object": "list", "data": []}).encode())
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -60,23 +54,10 @@ class Scripted:
                 outer.arrivals.append((self.path, raw, body))
                 answer = outer.reply(self.path, body)
                 if isinstance(answer, dict):
-                    return self._send(200, "application/json", json.dumps(answer).encode())
-                self._send(200, "text/event-stream", b"".join(answer))
+                    return self.send_body(200, json.dumps(answer).encode())
+                self.send_body(200, b"".join(answer), "text/event-stream")
 
-            def _send(self, status, ctype, data):
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -193,13 +193,19 @@ def test_client_leaving_mid_stream_closes_upstream_and_frees_the_slot(make_app, 
     s = RawStream(app, chat_body("streaming", stream=True))
     while not s.read_line().startswith(b"data: {"):
         pass
+    leave_mid_stream(app, slow, s.close, "/v1/chat/completions", chat_body("next"))
+
+
+def leave_mid_stream(app, slow, leave, path: str, next_body: dict) -> None:
+    """With a stream of "streaming" from `slow` open, queue `next_body` (prompt "next") on `path` behind it,
+    then `leave()` (the client hangs up): sluice closes the upstream within a second, the queued request
+    is served next, and the left stream counts as cancelled. Shared by each API's streaming tests."""
     results = {}
-    queued = threading.Thread(target=lambda: results.update(r=call(app, "POST", "/v1/chat/completions",
-                                                                   chat_body("next"))))
+    queued = threading.Thread(target=lambda: results.update(r=call(app, "POST", path, next_body)))
     queued.start()
     until(lambda: pending(app) == 1, what="the next request to queue")
     left_at = time.monotonic()
-    s.close()
+    leave()
     assert slow.wait_disconnects(1, timeout=3)
     assert slow.disconnects[0] - left_at < 1.0
     queued.join(10)

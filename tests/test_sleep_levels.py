@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import base_env, call
+from fakes import FakeClock
 from sluice import config
 from sluice.backend_rules import State
 from sluice.backends import BackendOps, default_l1_ram_budget_gb, process_spec
@@ -24,20 +25,6 @@ from test_gates import exclusive_toml
 from test_switch_faults import events, managed_toml
 
 WAKE_L2 = ["POST /wake_up", "POST /collective_rpc reload_weights", "POST /reset_prefix_cache"]
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.t
-
-    def advance(self, dt: float) -> None:
-        with self._lock:
-            self.t += dt
 
 
 def auto_toml(urls: dict[str, str], weights_gb: float = 1.0, demote_after_s: float = 900.0, server: str = "") -> str:
@@ -161,7 +148,7 @@ def test_a_failed_sleep_still_aborts_the_switch_and_leaves_no_level_behind(make_
 
 # ---- BackendOps on an injected clock --------------------------------------------------------------------------
 def test_demotion_by_the_length_of_the_last_sleep(ops_over, make_backend):
-    clock = Clock()
+    clock = FakeClock()
     a = make_backend(model="qa")
     ops = ops_over(auto_toml({"A": a.url}, demote_after_s=900), clock)
     ops.switch("A", "sleep")                  # never slept: level 1
@@ -183,7 +170,7 @@ def test_demotion_by_the_length_of_the_last_sleep(ops_over, make_backend):
 
 def test_a_wake_of_a_server_this_sluice_did_not_put_to_sleep(ops_over, make_backend):
     a = make_backend(model="qa")
-    ops = ops_over(auto_toml({"A": a.url}), Clock())
+    ops = ops_over(auto_toml({"A": a.url}), FakeClock())
     ops.switch("A", "wake")                   # awake: nothing to do
     assert calls(a) == []
     a.sleeping = True                         # asleep at a level nobody knows: level 2's wake fits either
@@ -193,7 +180,7 @@ def test_a_wake_of_a_server_this_sluice_did_not_put_to_sleep(ops_over, make_back
 
 def test_the_budget_counts_every_level_1_sleeper(ops_over, make_backend):
     fakes = {n: make_backend(model=f"q{n}") for n in "ABC"}
-    ops = ops_over(auto_toml({n: f.url for n, f in fakes.items()}, weights_gb=10), Clock(), l1_ram_budget_gb=15)
+    ops = ops_over(auto_toml({n: f.url for n, f in fakes.items()}, weights_gb=10), FakeClock(), l1_ram_budget_gb=15)
     ops.switch("A", "sleep")
     ops.switch("B", "sleep")                  # A's 10 GB + B's 10 GB > 15
     ops.switch("C", "sleep")
@@ -211,7 +198,7 @@ def test_the_budget_counts_every_level_1_sleeper(ops_over, make_backend):
 
 def test_concurrent_sleeps_never_both_take_the_last_room(ops_over, make_backend):
     fakes = {n: make_backend(model=f"q{n}") for n in "ABCD"}
-    ops = ops_over(auto_toml({n: f.url for n, f in fakes.items()}, weights_gb=10), Clock(), l1_ram_budget_gb=10)
+    ops = ops_over(auto_toml({n: f.url for n, f in fakes.items()}, weights_gb=10), FakeClock(), l1_ram_budget_gb=10)
     threads = [threading.Thread(target=ops.switch, args=(n, "sleep")) for n in fakes]
     for t in threads:
         t.start()
@@ -246,7 +233,7 @@ def control(tmp_path: Path, name: str) -> list:
 
 
 def test_a_managed_engine_asleep_longer_than_stop_after_s_is_stopped(managed_ops, tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     ops = managed_ops(clock, stop_after_s=60, demote_after_s=50)
     a = ops.supervisor.get("A")
     ops.switch("A", "wake")                   # a cold start
@@ -268,7 +255,7 @@ def test_a_managed_engine_asleep_longer_than_stop_after_s_is_stopped(managed_ops
 
 
 def test_a_managed_engine_that_comes_back_soon_keeps_level_1_and_idle_unload_asks_too(managed_ops, tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     ops = managed_ops(clock, demote_after_s=50, idle_unload_s=30)
     a = ops.supervisor.get("A")
     ops.switch("A", "wake")
@@ -288,7 +275,7 @@ def test_a_managed_engine_that_comes_back_soon_keeps_level_1_and_idle_unload_ask
 
 
 def test_a_managed_engine_whose_sleep_fails_is_stopped_and_leaves_the_book(managed_ops, tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     s = settings_for(tmp_path, managed_toml(tmp_path, engine="vllm", a_flags=("--fail-sleep",),
                                             a_opts={"switch": "vllm-sleep-auto", "weights_gb": 1}))
     sup = Supervisor([process_spec(b, s) for b in s.backends], tmp_path / "run", clock=clock, tick_s=3600).start()

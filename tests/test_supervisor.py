@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import FakeClock
 from sluice import errors
 from sluice.backend_rules import ALLOWED, State
 from sluice.monitor import Supervisor
@@ -26,20 +27,6 @@ from sluice.processes import (ENGINES, ProcessSpec, Registry, build_argv, free_p
 from sluice.supervisor import ManagedBackend
 
 FAKE = str(Path(__file__).with_name("fake_engine.py"))
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 1000.0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.t
-
-    def advance(self, dt: float) -> None:
-        with self._lock:
-            self.t += dt
 
 
 def make_spec(tmp_path: Path, *flags: str, name: str = "eng", **kw) -> ProcessSpec:
