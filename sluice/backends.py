@@ -44,6 +44,15 @@ ACTIONS = ("load", "unload", "sleep", "wake")
 _DOWN_STATES = ("sleeping", "stopped", "failed")      # no process of it holds the GPU
 
 
+def _sleeping_flag(status: int, body: bytes) -> bool | None:
+    """`is_sleeping` from a `GET /is_sleeping` answer; None when the answer does not say."""
+    try:
+        flag = json.loads(body).get("is_sleeping") if status == 200 else None
+    except (ValueError, AttributeError):
+        return None
+    return flag if isinstance(flag, bool) else None
+
+
 def process_spec(b: "BackendConfig", settings: "Settings") -> ProcessSpec:
     """How sluice runs a managed backend (`engine`/`command` in its [[backends]] table)."""
     idle = b.idle_unload_s if b.idle_unload_s is not None else ram_tier_idle_s()
@@ -230,22 +239,18 @@ class BackendOps:
             except (OSError, http.client.HTTPException) as e:
                 why = f"GET /is_sleeping failed ({e})"
                 continue
-            try:
-                asleep = status == 200 and json.loads(body).get("is_sleeping") is True
-            except (ValueError, AttributeError):
-                asleep = False
-            return None if asleep else f"GET /is_sleeping says it is awake (HTTP {status}: {body[:100]!r})"
+            if _sleeping_flag(status, body) is True:
+                return None
+            return f"GET /is_sleeping says it is awake (HTTP {status}: {body[:100]!r})"
         return why
 
     def _says_asleep(self, backend: str, timeout: float = 5.0) -> bool | None:
         """What `GET /is_sleeping` says (True, False); None when the server does not say (no answer, an
         error, a body without the flag): then only a wake is safe, never assuming it is awake."""
         try:
-            status, body = self._get(backend, "/is_sleeping", timeout)
-            flag = json.loads(body).get("is_sleeping") if status == 200 else None
-        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            return _sleeping_flag(*self._get(backend, "/is_sleeping", timeout))
+        except (OSError, http.client.HTTPException):
             return None
-        return flag if isinstance(flag, bool) else None
 
     def _get(self, backend: str, path: str, timeout: float) -> tuple[int, bytes]:
         up = self._upstreams[backend]

@@ -197,6 +197,10 @@ class Pool:
         limit = self.limits.get(model)
         return limit is not None and self._running.get(model, 0) >= limit
 
+    def up_elsewhere(self, model: str, backend: str) -> bool:
+        """Whether a backend other than `backend` serves `model` and is not out."""
+        return any(b.name != backend and model in b.models and not b.out for b in self.backends.values())
+
     def candidates(self, model: str, gate: Gate | None = None) -> list[Backend]:
         """Backends (on `gate`, if given) that can take `model` now: the one that already has it loaded
         first (affinity), then the least loaded. None while `model` is at its max_concurrency."""

@@ -192,12 +192,29 @@ class Queues:
     def of_client(self, client: str | None) -> int:
         return sum(len(q.by_client.get(client, ())) for qs in self._levels.values() for q in qs)
 
+    def refusal(self, job: Job, max_depth: int) -> errors.SluiceError | None:
+        """Why there is no room in the queue for `job`: its key's own limit, or the queue's; None if there is."""
+        if job.max_queued is not None:
+            mine = self.of_client(job.client)
+            if mine >= job.max_queued:
+                return errors.TooManyRequests(
+                    f"key {job.client!r} already has {mine} queued request(s), its max_queued; retry later",
+                    retry_after=1)
+        if self.depth >= max_depth:
+            return errors.QueueFull(
+                f"queue full ({self.depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={max_depth}); "
+                "retry later or raise the limit", retry_after=1,
+                headers={"X-Queue-Position": str(self.depth + 1)})
+        return None
+
+    def view(self, now: float) -> list[dict]:
+        """Every queued job, in the order it would be granted, for status pages."""
+        return [{"id": j.id, "model": j.model, "priority": j.priority, "effective_priority": self.effective(j, now),
+                 "age_s": round(now - j.enqueued_at, 3), "position": i + 1}
+                for i, j in enumerate(sorted(self.jobs(), key=lambda j: (self.effective(j, now), j.seq)))]
+
     def effective(self, job: Job, now: float) -> int:
         return max(0, job.priority - int((now - job.enqueued_at) / self.aging_s))
-
-    def ordered(self, now: float) -> list[Job]:
-        """Every queued job in the order of its effective priority, then admission."""
-        return sorted(self.jobs(), key=lambda j: (self.effective(j, now), j.seq))
 
     def position(self, job: Job, now: float) -> int:
         key = (self.effective(job, now), job.seq)

@@ -1,19 +1,13 @@
 """The Scheduler: admission, waiting, cancellation, finishing and every grant.
 
 Lock contract (as in CPython's queue.py): one mutex, `self._lock`, guards every field of the scheduler,
-of each Job's scheduling state, of the Queues (queues.py), of the Pool with its Gates and Backends
-(gates.py), and of the Dispatcher's, the Switcher's and SwitchCosts' state (dispatcher.py, switching.py,
-policies.py), which share it. `self._work` (a Condition on that lock) is notified whenever a grant might
-have become possible: a job arrived, a slot freed, a backend's health changed, a switch handed its gate
-back. Grants are decided only under the lock: inline on submit when the gate is idle with nothing waiting
-(the fast path), otherwise by the one dispatcher thread (dispatcher.py). Exclusive gates are switched by
-the Switcher: decided on the dispatcher's pass, run on a switch thread that calls the backends without
-the lock.
-
-The lock order of the whole daemon is written once, in docs/design.md ("Lock order"). Here: the only
-thing called under the scheduler's lock is a cancel hook on a drain timeout (`Exchange.abort`: its own
-lock around a socket shutdown, never calling back); the switcher's backend calls, `on_switch`, the
-`on_finish` observers, SSE ticks and a client's `cancel()` hook run after it is released.
+of each Job's scheduling state, and of the Queues, the Pool with its Gates and Backends, the Dispatcher,
+the Switcher and SwitchCosts, which share it. `self._work` (a Condition on it) is notified whenever a
+grant may have become possible. Grants are decided only under the lock: inline on submit when the gate
+has nothing waiting (the fast path), otherwise by the dispatcher thread. Exclusive gates are switched by
+the Switcher, on a switch thread that calls the backends without the lock. The lock order of the whole
+daemon, and the one thing called under this lock (a cancel hook on a drain timeout), are in
+docs/design.md ("Lock order").
 """
 
 from __future__ import annotations
@@ -65,13 +59,13 @@ class Scheduler:
         self._on_finish = on_finish
         self._pool = Pool(gates, backends)
         self._gates, self._backends = self._pool.gates, self._pool.backends
-        self._switching = Switcher(
+        # the exclusive-gate switching (switching.py); public for its readers: switch costs, operators' orders
+        self.switching = Switcher(
             self._work, self._gates.values(), clock=clock, act=switcher or (lambda backend, action: None),
             on_switch=on_switch, decide=decide or policies.decide,   # injectable: a test's failing policy
             waiting=self._queued.waiting, fail_waiting=self._fail_waiting_locked, abort=self._abort_gate_locked,
             finished=self._notify_finished, woken=lambda b: self._pool.set_health(b.name, Health.READY, None))
-        self._costs = self._switching.costs
-        self._dispatcher = Dispatcher(self._work, self._queued, self._pool, self._switching,
+        self._dispatcher = Dispatcher(self._work, self._queued, self._pool, self.switching,
                                       grant=self._grant_locked, clock=clock)
         for m in self._pool.models():
             self._queued.add(m)
@@ -132,7 +126,7 @@ class Scheduler:
         work in flight or waiting."""
         with self._lock:
             b = self._backends[backend]
-            if b.inflight > 0 or self._queued.has(b.models) or b.held:
+            if self._busy_locked(b) or b.held:
                 raise errors.Conflict(f"backend {backend!r} has requests in flight or queued; {what} it when "
                                       "they are done (POST /admin/drain stops new ones)")
             b.held = True
@@ -146,8 +140,10 @@ class Scheduler:
     def busy(self, backend: str) -> bool:
         """Whether a backend has work in flight or waiting (idle unload must not happen then)."""
         with self._lock:
-            b = self._backends[backend]
-            return b.inflight > 0 or self._queued.has(b.models)
+            return self._busy_locked(self._backends[backend])
+
+    def _busy_locked(self, b: Backend) -> bool:
+        return b.inflight > 0 or self._queued.has(b.models)
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no granted job is in flight; False if some still are after `timeout` seconds."""
@@ -204,18 +200,9 @@ class Scheduler:
             return self._closed
         if job.model not in self._queued:
             return None
-        if job.max_queued is not None:
-            mine = self._queued.of_client(job.client)
-            if mine >= job.max_queued:
-                return errors.TooManyRequests(
-                    f"key {job.client!r} already has {mine} queued request(s), its max_queued; retry later",
-                    retry_after=1)
-        depth = self._queued.depth
-        if depth >= self.max_queue_depth:
-            return errors.QueueFull(
-                f"queue full ({depth} waiting, limit SLUICE_MAX_QUEUE_DEPTH={self.max_queue_depth}); "
-                "retry later or raise the limit", retry_after=1,
-                headers={"X-Queue-Position": str(depth + 1)})
+        full = self._queued.refusal(job, self.max_queue_depth)
+        if full is not None:
+            return full
         if job.model in self._retired:
             return errors.NotFound(f"model {job.model!r} was removed from the configuration; it takes no new "
                                    "requests", param="model", code="model_not_found")
@@ -294,9 +281,7 @@ class Scheduler:
         with self._lock:
             refused = job.backend
             if job.state is not JobState.GRANTED or refused is None or job.outcome is not None \
-                    or job.abort_error is not None or self._closing \
-                    or not any(b.name != refused and job.model in b.models and not b.out
-                               for b in self._backends.values()):
+                    or job.abort_error is not None or self._closing or not self._pool.up_elsewhere(job.model, refused):
                 return False
             self._let_go_locked(job)
             free = [b for b in self._pool.candidates(job.model) if b.name != refused]
@@ -353,23 +338,15 @@ class Scheduler:
     def set_models(self, serving: Mapping[str, Iterable[str]], *, known: Iterable[str] = (),
                    retired: Iterable[str] | None = None, limits: Mapping[str, int] | None = None,
                    reason: str = "is no longer served by any backend") -> None:
-        """Replace which models backends serve, all in one step under the lock (manifest discovery, reload).
-
-        `serving` and `limits` (model -> max_concurrency, its jobs in flight at once across its backends) as
-        in Pool.set_models (gates.py); a model at its limit keeps its jobs' places. `known`: models that get
-        a queue even while no backend serves them (their jobs are refused 503 until one does). `retired`,
-        when given, replaces the set of models that take no new jobs but still serve the ones queued (a model
-        a reload removed, until its queue empties).
-
-        One step matters: a model moving from backend A to B never passes through "served by nobody".
-        Jobs in flight are not touched (they finish where they are). Queued jobs of a model some backend
-        still serves stay in place and go to whichever backend frees first; queued jobs of a model that no
-        backend serves now (or only backends that are down) go to the cloud route (fallback) or are
-        failed at once with 503 `model ... {reason}`: never left to time out.
-        """
+        """Replace which models backends serve, in one step under the lock (discovery, reload), so a model
+        moving from backend A to B never passes through "served by nobody". `serving` and `limits` as in
+        Pool.set_models; `known`: models that get a queue even while no backend serves them; `retired`, when
+        given, replaces the models that take no new jobs but still serve the queued ones. Jobs in flight
+        finish where they are; queued jobs of a model nothing can serve now go to the cloud route or get 503
+        `model ... {reason}` at once (docs/design.md, "The live model table")."""
         failed: list[Job] = []
         with self._lock:
-            self._pool.set_models(serving, limits, self._switching.unsettle_locked)
+            self._pool.set_models(serving, limits, self.switching.unsettle_locked)
             for m in itertools.chain(known, self._pool.models()):
                 self._queued.add(m)
             if retired is not None:
@@ -415,7 +392,7 @@ class Scheduler:
         if outcome is Outcome.OK and job.state is JobState.GRANTED and job.gate is not None \
                 and self._gates[job.gate].exclusive:
             # cost-aware weighs each model's queue by how long its jobs hold the gate
-            self._costs[job.gate].observe_service(job.model, self._clock() - job.granted_at)
+            self.switching.costs[job.gate].observe_service(job.model, self._clock() - job.granted_at)
         self._let_go_locked(job)
         if job in self._active:
             del self._active[job]
@@ -452,13 +429,10 @@ class Scheduler:
         """Grant a just-queued job inline, on one of the backends `free` to take it, when its gate has nothing
         else waiting (no thread hop)."""
         for b in free:
-            if self._waiting_on_locked(b.gate) == 1:     # only this job waits for the gate
+            if self._queued.count(b.gate.models()) == 1:     # only this job waits for the gate
                 self._grant_locked(job, b, now)
                 return True
         return False
-
-    def _waiting_on_locked(self, gate: Gate) -> int:
-        return self._queued.count(gate.models())
 
     def _fail_waiting_locked(self, model: str, err: errors.SluiceError) -> list[Job]:
         """Answer every queued job of `model` with `err` (its switch failed); returns them."""
@@ -485,7 +459,7 @@ class Scheduler:
         `how` = "sleep" or "stop") through the same drain -> sleep -> wake path as a request-driven switch.
         Blocks until done. Raises Conflict while another switch runs or is ordered, Unavailable when it
         failed, was aborted or did not finish within `timeout`."""
-        return self._switching.order(gate, target, evict, how, timeout)
+        return self.switching.order(gate, target, evict, how, timeout)
 
     def dispatch_once(self) -> float | None:
         """One dispatch pass, as the dispatcher thread makes it (for tests driving an injected clock).
@@ -497,37 +471,23 @@ class Scheduler:
         """Why grants may not be made (the dispatcher thread died, or its last pass raised); None when fine."""
         return self._dispatcher.problem()
 
-    def service_cost(self, gate: str, model: str) -> float:
-        """The gate's current estimate of one job's service seconds for `model` (measured EMA, else seeded)."""
-        with self._lock:
-            return self._costs[gate].service(model)
-
     def active(self) -> list[Job]:
         """The jobs granted and not yet finished, in grant order."""
         with self._lock:
             return list(self._active)
-
-    def switch_cost(self, gate: str, frm: str | None, to: str) -> float:
-        """The gate's current estimate of a switch's seconds (measured EMA, else the configured guess)."""
-        with self._lock:
-            return self._costs[gate].get(frm, to)
 
     # ---- reading ----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         """A consistent view for status pages: counters add up because they are read under one lock."""
         with self._lock:
             now = self._clock()
-            waiting = self._queued.ordered(now)
             served = self.totals["served"]
             return {
                 "pending": self._queued.depth,
                 "active": len(self._active),
                 "totals": dict(self.totals), "draining": self._closed is not None,
                 "avg_latency_ms": round(1000 * self._latency_sum / served) if served else 0,
-                "waiting": [{"id": j.id, "model": j.model, "priority": j.priority,
-                             "effective_priority": self._queued.effective(j, now),
-                             "age_s": round(now - j.enqueued_at, 3), "position": i + 1}
-                            for i, j in enumerate(waiting)],
+                "waiting": self._queued.view(now),
                 "active_jobs": [{"id": j.id, "model": j.model, "priority": j.priority, "backend": j.backend,
                                  "gate": j.gate, "elapsed_s": round(now - (j.granted_at or now), 3)}
                                 for j in self._active],

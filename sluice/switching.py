@@ -51,6 +51,17 @@ class Switcher:
         self.costs = {g.name: SwitchCosts(seed_s=g.config.switch_cost_s) for g in self._gates.values()}
         self._stale: set[str] = set()     # gates whose running switch the model table overtook
 
+    # ---- readers ---------------------------------------------------------------------------------------
+    def switch_cost(self, gate: str, frm: str | None, to: str) -> float:
+        """The gate's current estimate of a switch's seconds (measured EMA, else the configured guess)."""
+        with self._work:
+            return self.costs[gate].get(frm, to)
+
+    def service_cost(self, gate: str, model: str) -> float:
+        """The gate's estimate of one job's service seconds for `model` (measured EMA, else seeded)."""
+        with self._work:
+            return self.costs[gate].service(model)
+
     # ---- under the scheduler's lock ---------------------------------------------------------------
     def dispatch_locked(self, gate: Gate, now: float) -> float | None:
         """Decide whether an exclusive gate keeps serving its resident model or switches (drain first).

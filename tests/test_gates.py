@@ -108,17 +108,17 @@ def test_drain_before_switch_and_new_a_jobs_wait_not_503():
 
 def test_finished_jobs_feed_the_measured_service_time_to_cost_aware():
     r = Rig(policy="cost-aware")
-    seeded = r.s.service_cost("gpu", "a")
+    seeded = r.s.switching.service_cost("gpu", "a")
     a1 = r.submit("a")
     r.dispatch(expect_switch=True)
     r.clock.t += 7.0
     r.s.finish(a1, Outcome.OK)
-    assert r.s.service_cost("gpu", "a") == 7.0 != seeded        # the first measurement replaces the guess
+    assert r.s.switching.service_cost("gpu", "a") == 7.0 != seeded        # the first measurement replaces the guess
     a2 = r.submit("a")
     r.dispatch()
     r.clock.t += 3.0
     r.s.finish(a2, Outcome.ERROR)                      # a failed job says nothing about service time
-    assert r.s.service_cost("gpu", "a") == 7.0
+    assert r.s.switching.service_cost("gpu", "a") == 7.0
 
 
 def test_a_failed_backend_on_an_exclusive_gate_is_refused_without_a_switch():
@@ -433,20 +433,20 @@ def test_model_moved_off_the_awake_backend_switches_afresh_after_the_drain():
 def test_the_measured_switch_time_replaces_the_configured_guess_then_averages():
     """The learned switch cost: what a switch took (on the injected clock) is what the policy sees next."""
     r = Rig(policy="cost-aware", switch_cost_s=5.0)
-    assert r.s.switch_cost("gpu", None, "a") == 5.0
+    assert r.s.switching.switch_cost("gpu", None, "a") == 5.0
     r.switcher.takes = {"wake": 12.0}
     a1 = r.submit("a")
     r.dispatch(expect_switch=True)
-    assert r.s.switch_cost("gpu", None, "a") == 12.0            # the first measurement replaces the guess
+    assert r.s.switching.switch_cost("gpu", None, "a") == 12.0            # the first measurement replaces the guess
     r.s.finish(a1, Outcome.OK)
     r.switcher.takes = {"sleep": 1.0, "wake": 3.0}
     b1 = r.submit("b")
     r.dispatch(expect_switch=True)
-    assert r.s.switch_cost("gpu", "a", "b") == 4.0 and r.s.switch_cost("gpu", "b", "a") == 5.0
+    assert r.s.switching.switch_cost("gpu", "a", "b") == 4.0 and r.s.switching.switch_cost("gpu", "b", "a") == 5.0
     r.s.finish(b1, Outcome.OK)
     r.switcher.takes = {"sleep": 1.0, "wake": 9.0}
     for _ in range(2):                                           # b -> a, then a -> b measured at 10 s
         j = r.submit("a" if r.gate().resident == "b" else "b")
         r.dispatch(expect_switch=True)
         r.s.finish(j, Outcome.OK)
-    assert 4.0 < r.s.switch_cost("gpu", "a", "b") < 10.0        # an average, not the last value
+    assert 4.0 < r.s.switching.switch_cost("gpu", "a", "b") < 10.0        # an average, not the last value
