@@ -1,21 +1,34 @@
 """The rules of a managed backend's lifecycle, apart from the state machine that applies them
 (sluice/supervisor.py `ManagedBackend`): the states, the table of allowed transitions, the decisions its
-monitor tick and its owners make (pure functions over values: times, counts, the spec), and the readiness
-checks an owner runs outside the lock. Nothing here holds or writes a backend's state.
+monitor tick and its owners make (pure functions over values: times, counts, the spec), and the I/O an owner
+runs outside the lock (readiness checks, vLLM's sleep and wake calls). Nothing here holds or writes a
+backend's state: the callers write what these return.
 """
 
 from __future__ import annotations
 
 import enum
 import http.client
+import logging
 import socket
 import subprocess
 from typing import Callable
 
-from sluice.processes import ProcessSpec, describe_exit, health_status
+from sluice.processes import ProcessSpec, Registry, describe_exit, health_status, kill_group, spawn
+from sluice.upstream import Upstream
+
+log = logging.getLogger("sluice.supervisor")
 
 
 class State(enum.Enum):
+    """
+        STOPPED -> STARTING -> READY <-> SLEEPING
+           ^          |          |          |
+           +------ STOPPING <----+----------+         FAILED (sticky until start() or stop())
+
+    `STARTING` covers everything between "asked for" and "ready": spawning, readiness probes, the backoff
+    between failed attempts, a restart of a crashed or wedged process, and waking from sleep.
+    """
     STOPPED = "stopped"
     STARTING = "starting"
     READY = "ready"
@@ -71,6 +84,49 @@ def default_sleep_level(spec: ProcessSpec) -> int:
     return 2 if spec.sleep_method == "vllm-sleep-2" else 1
 
 
+def probe_verdict(spec: ProcessSpec, name: str, ok: bool, why: str, timed_out: bool, busy: bool,
+                  unhealthy: int) -> tuple[int, str | None]:
+    """A READY backend's health probe came back: (its new count of consecutive failed probes, the reason to
+    restart it, or None). A probe that timed out while requests are in flight is not counted: a busy engine
+    may answer its health path late."""
+    if ok:
+        return 0, None
+    if timed_out and busy:
+        log.info("backend %s: health probe timed out while busy; not counted", name)
+        return unhealthy, None
+    unhealthy += 1
+    log.warning("backend %s: health probe failed (%d/%d): %s", name, unhealthy, spec.unhealthy_after, why)
+    if unhealthy < spec.unhealthy_after:
+        return unhealthy, None
+    return unhealthy, (f"unhealthy: {spec.unhealthy_after} consecutive failed probes of {spec.health_path} "
+                       f"(last: {why})")
+
+
+# ---- process and callback I/O (no state) -------------------------------------------------------------------
+def launch(spec: ProcessSpec, registry: Registry | None) -> subprocess.Popen:
+    """Spawn the process and record it in the registry; raises OSError when it cannot be run."""
+    proc = spawn(spec)
+    if registry is not None:
+        registry.record(spec.name, proc, spec.argv, spec.stop_timeout_s)
+    return proc
+
+
+def discard(spec: ProcessSpec, registry: Registry | None, proc: subprocess.Popen) -> None:
+    """Kill and forget a process nobody adopted (stop() preempted its spawn): no one else knows of it."""
+    kill_group(proc, spec.stop_timeout_s, f"backend {spec.name}")
+    if registry is not None:
+        registry.forget(spec.name, proc.pid)
+
+
+def ask_busy(is_busy: Callable[[], bool], name: str) -> bool:
+    """The external veto of an idle unload; a failing callback counts as busy (never unload on a bug)."""
+    try:
+        return bool(is_busy())
+    except Exception:
+        log.exception("is_busy callback for %s failed; treating as busy", name)
+        return True
+
+
 # ---- readiness (I/O, no state) -----------------------------------------------------------------------------
 def probe(spec: ProcessSpec, timeout: float) -> tuple[bool, str, bool]:
     """One health probe: (healthy, what it saw, whether it timed out)."""
@@ -107,5 +163,37 @@ def await_ready(spec: ProcessSpec, proc: subprocess.Popen, clock: Callable[[], f
         step = min(step * 1.5, 0.25)
 
 
-__all__ = ["ALLOWED", "State", "asleep_too_long", "await_ready", "default_sleep_level", "idle_due", "probe",
-           "restart_plan", "retry_plan"]
+# ---- vLLM sleep and wake (I/O, no state) -------------------------------------------------------------------
+class VllmSleep:
+    """One managed vLLM's sleep API: the same client code the gate's switch uses for servers sluice doesn't
+    run. It chooses levels and makes the calls; the ManagedBackend records what came of them."""
+
+    def __init__(self, spec: ProcessSpec):
+        self.spec = spec
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host
+        self._api = Upstream(spec.name, f"http://{host}:{spec.port}")
+
+    def level(self, choose: Callable[[], int] | None) -> int:
+        """The level of the next sleep: `choose()` (see ManagedBackend.adapt_sleep), else the spec's."""
+        if choose is None:
+            return default_sleep_level(self.spec)
+        try:
+            return choose()
+        except Exception:       # a bug there must not leave the backend owned forever
+            log.exception("backend %s: choosing its sleep level failed; level 2", self.spec.name)
+            return 2
+
+    def sleep(self, level: int) -> None:
+        """POST /sleep?level=N; raises errors.SluiceError when it did not sleep."""
+        self._api.vllm_sleep(level, timeout=self.spec.sleep_timeout_s)
+
+    def wake(self, level: int) -> None:
+        """POST /wake_up, then one health probe; raises errors.SluiceError or RuntimeError when it is not back."""
+        self._api.vllm_wake(level, timeout=self.spec.sleep_timeout_s)
+        ok, why, _ = probe(self.spec, self.spec.probe_timeout_s)
+        if not ok:
+            raise RuntimeError(f"not healthy after wake_up: {why}")
+
+
+__all__ = ["ALLOWED", "State", "VllmSleep", "ask_busy", "asleep_too_long", "await_ready", "default_sleep_level",
+           "discard", "idle_due", "launch", "probe", "probe_verdict", "restart_plan", "retry_plan"]

@@ -1,37 +1,12 @@
 """Backend process lifecycle: start, probe, restart, sleep/wake, idle unload, stop.
 
-One `ManagedBackend` per process sluice runs. It is the one writer of its state: every transition happens
-inside its own methods, decided under its own lock (`_cond`), with the rule that a read which gates a
-mutation is made under the same lock hold as the mutation. Operations that take seconds (spawning and
-waiting for readiness, terminating, vLLM sleep/wake calls) run outside the lock, by the one *owner* of
-the transition: the thread that claimed it. `_owner` is a fresh token per operation; `stop()` may
-preempt any other owner (it takes the token over, and the old owner, seeing it no longer owns the
-transition, quits without touching anything). Every settled transition wakes all waiters.
-
-States (typed, with an explicit table of allowed transitions):
-
-    STOPPED -> STARTING -> READY <-> SLEEPING
-       ^          |          |          |
-       +------ STOPPING <----+----------+         FAILED (sticky until start() or stop())
-
-`STARTING` covers everything between "asked for" and "ready": spawning, readiness probes, the backoff
-between failed attempts, a restart of a crashed or wedged process, and waking from sleep.
-
-Timing: the injected `clock` drives every decision that depends on time (start timeout, backoff, probe
-schedule, idle unload, uptime), so tests can move it. Waiting for real things (a process to exit, a
-caller's own timeout) uses Condition/Popen waits with real deadlines, never a bare sleep.
-
-Lock contract: `_cond` guards every `_`-field of a ManagedBackend. Nothing that blocks (HTTP, process
-spawns and waits, file I/O, the registry's fsync'ed writes, on_change and is_busy callbacks) runs under
-it. A spawn is claimed under the lock (`_spawning`), run outside it, and the process adopted under it
-again; a stop() that preempted the spawn waits for `_spawning` to clear, so it never returns while the
-process it could not see is still alive. Exits noticed under the lock are queued (`_gone`) and
-forgotten in the registry by `_flush`, outside it. The registry has its own lock, never taken under
-`_cond`.
-
-The states, the transition table and the pure decisions are sluice/backend_rules.py; the process
-mechanics (spec, argv, spawning, killing a process group, the registry) sluice/processes.py; the
-`Supervisor` of all managed backends and its monitor thread sluice/monitor.py.
+`ManagedBackend`, one per process sluice runs, is the one writer of its state; its ownership and lock
+contract (owner tokens, preemption by stop(), nothing blocking under `_cond`) is in docs/design.md "Lock
+order". The injected `clock` drives every decision that depends on time, so tests can move it; waits for real
+things (a process to exit, a caller's timeout) use real deadlines, never a bare sleep. Elsewhere: its states,
+transition table, pure decisions and vLLM calls in sluice/backend_rules.py; what a transition leaves to do
+outside the lock in sluice/outbox.py; process mechanics in sluice/processes.py; the `Supervisor` in
+sluice/monitor.py.
 """
 
 from __future__ import annotations
@@ -41,22 +16,21 @@ import shlex
 import subprocess
 import threading
 import time
-from collections import deque
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
 from sluice import errors
-from sluice.backend_rules import (ALLOWED, State, asleep_too_long, await_ready, default_sleep_level, idle_due,
-                                  probe, restart_plan, retry_plan)
-from sluice.processes import ProcessSpec, Registry, describe_exit, kill_group, spawn
-from sluice.upstream import Upstream
+from sluice.backend_rules import (ALLOWED, State, VllmSleep, ask_busy, asleep_too_long, await_ready, discard,
+                                  idle_due, launch, probe, probe_verdict, restart_plan, retry_plan)
+from sluice.outbox import Outbox
+from sluice.processes import ProcessSpec, Registry, describe_exit, kill_group
 
 log = logging.getLogger("sluice.supervisor")
 
 
 # ---- one managed process ---------------------------------------------------------------------------------
 class ManagedBackend:
-    """One backend process. See the module docstring for the ownership and lock rules."""
+    """One backend process. Its ownership and lock rules: docs/design.md "Lock order"."""
 
     def __init__(self, spec: ProcessSpec, *, clock: Callable[[], float] = time.monotonic,
                  registry: Registry | None = None,
@@ -66,7 +40,7 @@ class ManagedBackend:
         self.name = spec.name
         self._clock = clock
         self._registry = registry
-        self._on_change = on_change
+        self._out = Outbox(spec.name, registry, on_change)   # its own leaf lock; flushed outside ours
         self._is_busy = is_busy
         self._cond = threading.Condition()     # guards everything below; predicate: "state settled"
         self._state = State.STOPPED
@@ -81,8 +55,7 @@ class ManagedBackend:
         self._unhealthy = 0                    # consecutive failed probes
         self._next_probe = 0.0
         self._gen = 0                          # bumped on every spawn: stale probe results are dropped
-        self._spawning = False                 # an owner is spawning outside the lock (see the module doc)
-        self._gone: list[int] = []             # pids that exited, for _flush to forget in the registry
+        self._spawning = False                 # an owner is spawning outside the lock (design.md)
         self._closed = False
         self.restarts = 0
         self.spawns = 0
@@ -94,11 +67,7 @@ class ManagedBackend:
         self._sleep_level = 1                  # the level of its current (or last) vLLM sleep
         self._slept_at: float | None = None    # when that sleep began; None once woken or stopped
         self.last_sleep_s: float | None = None # how long its last vLLM sleep lasted (at least, if stopped asleep)
-        self._changes: deque[tuple[State, State]] = deque()
-        self._flush_lock = threading.RLock()   # re-entrant: on_change may call back into this backend
-        # vLLM's sleep/wake calls: the same client code the gate's switch uses for servers sluice doesn't run
-        host = f"[{spec.host}]" if ":" in spec.host else spec.host
-        self._engine_api = Upstream(spec.name, f"http://{host}:{spec.port}")
+        self._vllm = VllmSleep(spec)
 
     # ---- read-only views (lock-free reads of single attributes are atomic) -----------------------------
     @property
@@ -125,14 +94,8 @@ class ManagedBackend:
     def wait_for(self, states: State | Sequence[State], timeout: float) -> bool:
         """Wait (real time) until the state is one of `states` and no transition is under way."""
         wanted = {states} if isinstance(states, State) else set(states)
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while not (self._state in wanted and self._owner is None):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
+            return self._cond.wait_for(lambda: self._state in wanted and self._owner is None, timeout)
 
     # ---- the public operations ---------------------------------------------------------------------------
     def adapt_sleep(self, choose_level: Callable[[], int] | None, stop_after_s: float | None) -> None:
@@ -146,42 +109,32 @@ class ManagedBackend:
         with self._cond:
             if not self._closed and self._owner is None:
                 self._begin_use_locked()
-        self._flush()
+        self._out.flush()
 
     def ensure_ready(self, timeout: float) -> None:
         """Return once READY, starting it if STOPPED and waking it if SLEEPING. Concurrent callers share one
         start. Raises errors.Unavailable at once when FAILED, when the start fails, or after `timeout` s."""
         self._acquire(timeout, busy=False)
 
-    def acquire(self, timeout: float) -> None:
-        """ensure_ready and count it busy in one step: no idle unload can slip in between. Pair with release()."""
-        self._acquire(timeout, busy=True)
-
-    def release(self) -> None:
-        self.mark_idle()
-
     @contextmanager
     def use(self, timeout: float) -> Iterator["ManagedBackend"]:
-        """`with backend.use(30): forward(...)`: READY and counted busy for the block."""
-        self.acquire(timeout)
+        """`with backend.use(30): forward(...)`: READY and counted busy for the block, in one step with the
+        start or wake, so no idle unload can slip in between."""
+        self._acquire(timeout, busy=True)
         try:
             yield self
         finally:
-            self.release()
-
-    def mark_idle(self) -> None:
-        with self._cond:
-            self._inflight = max(0, self._inflight - 1)
-            self._last_used = self._clock()
+            with self._cond:
+                self._inflight = max(0, self._inflight - 1)
+                self._last_used = self._clock()
 
     def sleep(self, timeout: float | None = None) -> State:
         """Free the GPU: vLLM sleep (level 1 or 2), or stop for `stop` engines; `none` keeps it running.
         A failed sleep escalates to stop. Blocks until settled; returns the state it settled in. Raises
         errors.Unavailable when another transition (a start, restart or wake) has not settled by `timeout`."""
         t = self.spec.start_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + t
         with self._cond:
-            if not self._wait_unowned_locked(deadline):
+            if not self._cond.wait_for(lambda: self._owner is None, t):
                 # Not taken down: returning would let a gate switch load the next model beside this one while
                 # it is still loading (a slow restart after a crash). Failing makes the switch stop() it,
                 # which preempts that transition.
@@ -189,30 +142,21 @@ class ManagedBackend:
                                          f"({self._state.value}) after {t:g}s", retry_after=5)
             if self._state is not State.READY or self.spec.sleep_method == "none":
                 return self._state
-            if self.spec.sleep_method == "stop":
-                token = self._claim_locked("sleep", State.STOPPING)
-                proc = self._proc
-            else:
-                token = self._claim_locked("sleep", State.SLEEPING)
-                proc = None
-        self._flush()
-        if self.spec.sleep_method == "stop":
-            self._run_stop(token, proc, State.STOPPED)
-        else:
-            self._run_sleep(token)
+            work = self._claim_sleep_locked("sleep")
+        self._out.flush()
+        work()
         return self._state
 
     def stop(self) -> None:
         """SIGTERM to the process group, SIGKILL after stop_timeout_s; blocks until STOPPED. Preempts a
         start, restart, sleep or wake in progress. From FAILED it resets to STOPPED."""
         with self._cond:
-            while self._op == "stop" and self._owner is not None:
-                self._cond.wait()          # another stop is doing exactly this: wait for it
+            self._cond.wait_for(lambda: self._op != "stop" or self._owner is None)   # another stop: wait for it
             if self._state is State.STOPPED:
                 return
             token = self._claim_locked("stop", State.STOPPING)
             proc = self._proc
-        self._flush()
+        self._out.flush()
         self._run_stop(token, proc, State.STOPPED)
 
     def close(self) -> None:
@@ -230,11 +174,7 @@ class ManagedBackend:
             with self._cond:
                 action, gen, busy = self._check_locked()
             if action == "ask":   # the external is_busy veto: asked outside our lock, decision re-made under it
-                try:
-                    external = bool(self._is_busy())
-                except Exception:
-                    log.exception("is_busy callback for %s failed; treating as busy", self.name)
-                    external = True
+                external = ask_busy(self._is_busy, self.name)
                 with self._cond:
                     if not external and self._idle_due_locked() and self._gen == gen:
                         self._begin_unload_locked()
@@ -243,7 +183,7 @@ class ManagedBackend:
             if action == "probe":
                 self._check_health(gen, busy)
         finally:
-            self._flush()
+            self._out.flush()
 
     def _idle_due_locked(self) -> bool:
         return (self._owner is None and self._state is State.READY and not self._closed
@@ -289,17 +229,10 @@ class ManagedBackend:
             if self._gen != gen or self._state is not State.READY or self._owner is not None:
                 return     # something else happened meanwhile: this result is stale
             self._next_probe = self._clock() + spec.probe_interval_s
-            if ok:
-                self._unhealthy = 0
-            elif timed_out and (busy or self._inflight):
-                log.info("backend %s: health probe timed out while busy; not counted", self.name)
-            else:
-                self._unhealthy += 1
-                log.warning("backend %s: health probe failed (%d/%d): %s", self.name, self._unhealthy,
-                            spec.unhealthy_after, why)
-                if self._unhealthy >= spec.unhealthy_after:
-                    self._begin_restart_locked(f"unhealthy: {spec.unhealthy_after} consecutive failed probes "
-                                               f"of {spec.health_path} (last: {why})")
+            self._unhealthy, reason = probe_verdict(spec, self.name, ok, why, timed_out, busy or self._inflight > 0,
+                                                    self._unhealthy)
+            if reason is not None:
+                self._begin_restart_locked(reason)
 
     # ---- internals: transitions (all *_locked run under self._cond) --------------------------------------
     def _set_state_locked(self, new: State) -> None:
@@ -309,7 +242,7 @@ class ManagedBackend:
         if new not in ALLOWED[old]:
             raise RuntimeError(f"backend {self.name}: illegal transition {old.value} -> {new.value}")
         self._state = new
-        self._changes.append((old, new))
+        self._out.changed(old, new)
         log.info("backend %s: %s -> %s%s", self.name, old.value, new.value,
                  f" ({self.last_error})" if new in (State.FAILED,) and self.last_error else "")
         self._cond.notify_all()
@@ -329,14 +262,6 @@ class ManagedBackend:
         self._cond.notify_all()     # also when the state did not change: "settled" is what waiters wait for
         return True
 
-    def _wait_unowned_locked(self, deadline: float) -> bool:
-        while self._owner is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self._cond.wait(remaining)
-        return True
-
     def _thread(self, target, *args) -> None:
         threading.Thread(target=target, args=args, name=f"sluice-{self.name}-{self._op}", daemon=True).start()
 
@@ -344,33 +269,29 @@ class ManagedBackend:
         """Unowned: start it (a fresh count of failures) or wake it; False when it is neither down nor asleep."""
         if self._state in (State.STOPPED, State.FAILED):
             self._failures = 0
-            self._begin_start_locked("start")
+            self._thread(self._run_start, self._claim_locked("start", State.STARTING), None, None, False)
         elif self._state is State.SLEEPING:
-            self._begin_wake_locked()
+            self._thread(self._run_wake, self._claim_locked("wake", State.STARTING))
         else:
             return False
         return True
-
-    def _begin_start_locked(self, op: str) -> None:
-        token = self._claim_locked(op, State.STARTING)
-        self._thread(self._run_start, token, None, None, False)
-
-    def _begin_wake_locked(self) -> None:
-        token = self._claim_locked("wake", State.STARTING)
-        self._thread(self._run_wake, token)
 
     def _begin_stop_locked(self, op: str, proc: subprocess.Popen | None, final: State) -> None:
         token = self._claim_locked(op, State.STOPPING)
         self._thread(self._run_stop, token, proc, final)
 
+    def _claim_sleep_locked(self, op: str) -> Callable[[], None]:
+        """READY -> STOPPING (`stop` engines) or SLEEPING (vLLM); returns the owner's work, to run unlocked."""
+        if self.spec.sleep_method == "stop":
+            token, proc = self._claim_locked(op, State.STOPPING), self._proc
+            return lambda: self._run_stop(token, proc, State.STOPPED)
+        token = self._claim_locked(op, State.SLEEPING)
+        return lambda: self._run_sleep(token)
+
     def _begin_unload_locked(self) -> None:
         log.info("backend %s: idle for %.0fs, unloading (%s)", self.name, self._clock() - self._last_used,
                  self.spec.sleep_method)
-        if self.spec.sleep_method == "stop":
-            self._begin_stop_locked("unload", self._proc, State.STOPPED)
-        else:
-            token = self._claim_locked("unload", State.SLEEPING)
-            self._thread(self._run_sleep, token)
+        self._thread(self._claim_sleep_locked("unload"))
 
     def _begin_restart_locked(self, reason: str) -> None:
         """A READY process crashed or wedged: restart with backoff, or FAILED when retries are spent."""
@@ -391,8 +312,8 @@ class ManagedBackend:
         self._thread(self._run_start, token, self._clock() + delay, old, True)
 
     def _proc_gone_locked(self, rc: int | None) -> None:
-        if self._proc is not None and self._registry is not None:
-            self._gone.append(self._proc.pid)
+        if self._proc is not None:
+            self._out.gone(self._proc.pid)
         self._proc = None
         self._spawned_at = self._ready_since = None
         if rc is not None:
@@ -436,13 +357,7 @@ class ManagedBackend:
                     return
                 failure, timed_out = await_ready(spec, proc, self._clock, lambda: self._owns(token))
                 if failure is None:
-                    with self._cond:
-                        if self._owns(token):
-                            now = self._clock()
-                            self._ready_since = self._last_used = now
-                            self._next_probe = now + spec.probe_interval_s
-                            self._unhealthy = 0
-                            self._settle_locked(token, State.READY)
+                    self._settle_ready(token, spawned=True)
                     return
                 if not self._owns(token):
                     return
@@ -460,7 +375,7 @@ class ManagedBackend:
                     not_before = self._clock() + delay
                     log.warning("backend %s: %s; retrying in %.2fs", self.name, failure, delay)
         finally:
-            self._flush()
+            self._out.flush()
 
     def _spawn(self, token: object) -> subprocess.Popen | None:
         """Spawn and register the process outside the lock, then adopt it under the lock. None when it
@@ -468,15 +383,13 @@ class ManagedBackend:
         spec = self.spec
         try:
             try:
-                proc = spawn(spec)
+                proc = launch(spec, self._registry)
             except OSError as e:   # recorded, not raised; retrying a missing binary is pointless
                 with self._cond:
                     if self._owns(token):
                         self.last_error = f"cannot run {spec.argv[0]!r}: {e}"
                         self._settle_locked(token, State.FAILED)
                 return None
-            if self._registry is not None:
-                self._registry.record(self.name, proc, spec.argv, spec.stop_timeout_s)
             with self._cond:
                 adopted = self._owns(token)
                 if adopted:
@@ -486,9 +399,7 @@ class ManagedBackend:
             if adopted:
                 log.info("backend %s: spawned pid %d: %s", spec.name, proc.pid, shlex.join(spec.argv))
                 return proc
-            kill_group(proc, spec.stop_timeout_s, f"backend {self.name}")
-            if self._registry is not None:
-                self._registry.forget(self.name, proc.pid)
+            discard(spec, self._registry, proc)
             return None
         finally:
             with self._cond:
@@ -502,8 +413,7 @@ class ManagedBackend:
         try:
             self._terminate(proc)
             with self._cond:
-                while self._spawning:      # a spawn we preempted: its owner kills what it started
-                    self._cond.wait()
+                self._cond.wait_for(lambda: not self._spawning)   # a spawn we preempted: its owner kills it
                 if not self._owns(token):
                     return
                 if proc is not None and self._proc is proc:
@@ -512,26 +422,20 @@ class ManagedBackend:
                     self._proc_gone_locked(None)
                 self._settle_locked(token, final)
         finally:
-            self._flush()
+            self._out.flush()
 
     def _run_sleep(self, token: object) -> None:
         """Owner of READY -> SLEEPING (state already SLEEPING): POST /sleep?level=N; on failure, stop."""
-        level = default_sleep_level(self.spec)
         try:
             with self._cond:
                 choose = self._choose_level
-            if choose is not None:
-                try:
-                    level = choose()
-                except Exception:       # a bug there must not leave this backend owned forever
-                    log.exception("backend %s: choosing its sleep level failed; level 2", self.name)
-                    level = 2
+            level = self._vllm.level(choose)
             with self._cond:
                 if not self._owns(token):
                     return
                 self._sleep_level = level
             try:
-                self._engine_api.vllm_sleep(level, timeout=self.spec.sleep_timeout_s)
+                self._vllm.sleep(level)
             except errors.SluiceError as e:
                 with self._cond:
                     if not self._owns(token):
@@ -540,7 +444,7 @@ class ManagedBackend:
                     log.warning("backend %s: %s", self.name, self.last_error)
                     self._set_state_locked(State.STOPPING)
                     proc = self._proc
-                self._flush()
+                self._out.flush()
                 self._run_stop(token, proc, State.STOPPED)
                 return
             with self._cond:
@@ -548,7 +452,7 @@ class ManagedBackend:
                     self._slept_at = self._clock()
                 self._settle_locked(token, State.SLEEPING)
         finally:
-            self._flush()
+            self._out.flush()
 
     def _run_wake(self, token: object) -> None:
         """Owner of SLEEPING -> READY (state already STARTING). A failed wake restarts the process."""
@@ -557,10 +461,7 @@ class ManagedBackend:
             if self._slept_at is not None:
                 self.last_sleep_s, self._slept_at = self._clock() - self._slept_at, None
         try:
-            self._engine_api.vllm_wake(level, timeout=self.spec.sleep_timeout_s)
-            ok, why, _ = probe(self.spec, self.spec.probe_timeout_s)
-            if not ok:
-                raise RuntimeError(f"not healthy after wake_up: {why}")
+            self._vllm.wake(level)
         except (errors.SluiceError, RuntimeError) as e:
             with self._cond:
                 if not self._owns(token):
@@ -568,17 +469,23 @@ class ManagedBackend:
                 self.last_error = f"wake failed ({e}); restarting"
                 log.warning("backend %s: %s", self.name, self.last_error)
                 old = self._proc
-            self._flush()
+            self._out.flush()
             self._run_start(token, None, old, True)
             return
+        self._settle_ready(token, spawned=False)
+        self._out.flush()
+
+    def _settle_ready(self, token: object, spawned: bool) -> None:
+        """READY with a fresh probe schedule; `spawned`: a new process (a woken one keeps its ready_since)."""
         with self._cond:
             if self._owns(token):
                 now = self._clock()
+                if spawned:
+                    self._ready_since = now
                 self._last_used = now
                 self._next_probe = now + self.spec.probe_interval_s
                 self._unhealthy = 0
                 self._settle_locked(token, State.READY)
-        self._flush()
 
     def _acquire(self, timeout: float, busy: bool) -> None:
         deadline = time.monotonic() + timeout
@@ -608,29 +515,7 @@ class ManagedBackend:
                             f"{', ' + self._op if self._op else ''})", retry_after=5)
                     self._cond.wait(remaining)
         finally:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Forget exited processes in the registry (an fsync'ed write), then deliver queued state changes to
-        on_change, in order, with no lock of ours held but the delivery lock (which only serializes
-        deliveries)."""
-        with self._cond:
-            gone, self._gone = self._gone, []
-        for pid in gone:
-            self._registry.forget(self.name, pid)
-        if self._on_change is None:
-            self._changes.clear()
-            return
-        with self._flush_lock:
-            while True:
-                with self._cond:
-                    if not self._changes:
-                        return
-                    old, new = self._changes.popleft()
-                try:
-                    self._on_change(self.name, old, new)
-                except Exception:
-                    log.exception("on_change callback for backend %s failed", self.name)
+            self._out.flush()
 
 
 __all__ = ["ALLOWED", "ManagedBackend", "State"]
